@@ -1,0 +1,213 @@
+"""`XLSTMConfig`: Megatron's TransformerConfig plus the validated xLSTM fields.
+
+Being a TransformerConfig subclass lets Megatron fill it from parsed arguments
+(`core_transformer_config_from_args(args, config_class=XLSTMConfig)`) and pass it unchanged to GPTModel, the
+TransformerBlock and every mixer. Every check raises a one-line ValueError that names the fix, at construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from xlstm_megatron.ops.init import normal_init_method, small_init_std, wang_init_std
+
+BlockFamily = Literal["large", "v1"]
+LAYER_SYMBOLS = {"m": "mLSTM", "s": "sLSTM", "*": "attention"}
+
+
+def _round_up(x: float, multiple: int) -> int:
+    """v1's rounding: ceil(x / multiple) * multiple."""
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def _round_up_large(x: float, multiple: int) -> int:
+    """xLSTM-Large's rounding, (x + multiple - 1) // multiple * multiple on a float: 2.6667 * 96 gives 256, not 320."""
+    return int((x + multiple - 1) // multiple * multiple)
+
+
+def pattern_from_positions(num_layers: int, slstm_at: list[int] | tuple[int, ...]) -> str:
+    """The paper's xLSTM[a:b] notation as a pattern string: sLSTM at the given 0-based block indices, mLSTM elsewhere."""
+    bad = [i for i in slstm_at if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"sLSTM positions {bad} are outside 0..{num_layers - 1}; fix slstm_at or num_layers")
+    return "".join("s" if i in set(slstm_at) else "m" for i in range(num_layers))
+
+
+# Family defaults of the official models; `make_xlstm_config` applies those the caller did not set.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "large": dict(
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        ffn_proj_factor=2.6667,
+        gate_soft_cap=15.0,
+        output_logit_soft_cap=30.0,
+        mlstm_backward="constant",
+        mlstm_qk_dim_factor=0.5,
+        mlstm_v_dim_factor=1.0,
+        mlstm_eps=1e-6,
+        head_norm_eps=1e-6,
+    ),
+    "v1": dict(
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        gated_linear_unit=True,
+        activation_func=F.gelu,
+        ffn_proj_factor=1.3,
+        gate_soft_cap=None,
+        output_logit_soft_cap=None,
+        mlstm_backward="exact",
+        mlstm_eps=1e-6,
+        head_norm_eps=1e-5,
+    ),
+}
+# Settings every xLSTM model shares: no biases in the big projections, no dropout, no position embedding.
+COMMON_DEFAULTS: dict[str, Any] = dict(add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@dataclass
+class XLSTMConfig(TransformerConfig):
+    """TransformerConfig with xLSTM fields.
+
+    `num_attention_heads` is the mLSTM head count (and the attention head count of '*' layers).
+    """
+
+    xlstm_block: BlockFamily = "large"
+    """'large': the xLSTM-7B block (mLSTM mixer + SwiGLU MLP in every layer). 'v1': the NeurIPS 2024 blocks."""
+
+    xlstm_pattern: str | None = None
+    """One symbol per layer: 'm' mLSTM, 's' sLSTM (v1 only), '*' attention. None: all mLSTM."""
+
+    slstm_num_heads: int | None = None
+    """sLSTM heads (v1); None: num_attention_heads."""
+
+    mlstm_qk_dim_factor: float = 0.5
+    """Large: q/k width = factor * hidden_size."""
+    mlstm_v_dim_factor: float = 1.0
+    """Large: v width = factor * hidden_size."""
+    mlstm_proj_factor: float = 2.0
+    """v1: mLSTM up-projection width = round_up(factor * hidden_size, 64)."""
+    mlstm_qkv_block_size: int = 4
+    """v1: block size of the block-diagonal q/k/v projections."""
+    conv_kernel_size: int = 4
+    """v1: causal depthwise conv width (mLSTM and sLSTM)."""
+
+    gate_soft_cap: float | None = 15.0
+    """Large: input/forget gate pre-activations are soft-capped at this value (None: off)."""
+    output_logit_soft_cap: float | None = 30.0
+    """Logits soft cap (None: off)."""
+    ffn_proj_factor: float = 2.6667
+    """ffn_hidden_size = round_up(factor * hidden_size, 64) when ffn_hidden_size is not given."""
+
+    mlstm_chunk_size: int = 64
+    mlstm_backward: Literal["exact", "constant"] = "constant"
+    """'constant': normaliser and stabiliser are constants in backward (as xLSTM-7B was trained); 'exact': autograd."""
+    mlstm_eps: float = 1e-6
+    head_norm_eps: float = 1e-6
+    slstm_forget_gate: Literal["sigmoid", "exp"] = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            round_up = _round_up_large if self.xlstm_block == "large" else _round_up
+            self.ffn_hidden_size = round_up(self.ffn_proj_factor * self.hidden_size, 64)
+        # Official inits: small-init for input-side projections and embeddings, Wang-init for output projections.
+        if self.init_method is None:
+            self.init_method_std = small_init_std(self.hidden_size)
+            self.init_method = normal_init_method(self.init_method_std)
+        if self.output_layer_init_method is None:
+            self.output_layer_init_method = normal_init_method(wang_init_std(self.hidden_size, self.num_layers))
+        super().__post_init__()
+        self.validate_xlstm()
+
+    # ---- derived sizes ------------------------------------------------------------------------------------------
+    @property
+    def layer_pattern(self) -> str:
+        return self.xlstm_pattern if self.xlstm_pattern is not None else "m" * self.num_layers
+
+    @property
+    def mlstm_inner_size(self) -> int:
+        """v1 up-projection width."""
+        return _round_up(self.mlstm_proj_factor * self.hidden_size, 64)
+
+    @property
+    def slstm_heads(self) -> int:
+        return self.slstm_num_heads or self.num_attention_heads
+
+    @property
+    def num_xlstm_blocks(self) -> int:
+        return len(self.layer_pattern)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def validate_xlstm(self) -> None:
+        tp = self.tensor_model_parallel_size
+        heads = self.num_attention_heads
+        if self.xlstm_block not in FAMILY_DEFAULTS:
+            raise ValueError(f"xlstm_block={self.xlstm_block!r} is unknown; use 'large' or 'v1'")
+        pattern = self.layer_pattern
+        if len(pattern) != self.num_layers:
+            raise ValueError(
+                f"xlstm_pattern has {len(pattern)} symbols but num_layers={self.num_layers}; give one symbol per layer"
+            )
+        unknown = sorted(set(pattern) - set(LAYER_SYMBOLS))
+        if unknown:
+            raise ValueError(f"xlstm_pattern has unknown symbols {unknown}; use {dict(LAYER_SYMBOLS)}")
+        if self.xlstm_block == "large" and "s" in pattern:
+            raise ValueError("sLSTM layers ('s') exist only in the v1 family; set xlstm_block='v1' or drop them")
+        if heads % tp:
+            raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
+        if "s" in pattern:
+            sh = self.slstm_heads
+            if sh % tp:
+                raise ValueError(f"slstm_num_heads={sh} is not divisible by tensor_model_parallel_size={tp}")
+            if self.hidden_size % sh:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by slstm_num_heads={sh}")
+        if self.xlstm_block == "large":
+            for name, factor in (("mlstm_qk_dim_factor", self.mlstm_qk_dim_factor),
+                                 ("mlstm_v_dim_factor", self.mlstm_v_dim_factor)):
+                width = factor * self.hidden_size
+                if width != int(width) or int(width) % heads:
+                    raise ValueError(
+                        f"{name}*hidden_size={width:g} must be an integer divisible by num_attention_heads={heads}"
+                    )
+        else:
+            inner, bs = self.mlstm_inner_size, self.mlstm_qkv_block_size
+            if inner % heads or (inner // heads) % bs:
+                raise ValueError(
+                    f"mLSTM inner size {inner} must split into {heads} heads whose size is a multiple of "
+                    f"mlstm_qkv_block_size={bs}; change hidden_size, mlstm_proj_factor or num_attention_heads"
+                )
+        if self.mlstm_backward not in ("exact", "constant"):
+            raise ValueError(f"mlstm_backward={self.mlstm_backward!r} is unknown; use 'exact' or 'constant'")
+        if self.slstm_forget_gate not in ("sigmoid", "exp"):
+            raise ValueError(f"slstm_forget_gate={self.slstm_forget_gate!r} is unknown; use 'sigmoid' or 'exp'")
+        if self.mlstm_chunk_size < 1:
+            raise ValueError(f"mlstm_chunk_size={self.mlstm_chunk_size} must be >= 1")
+        pp = self.pipeline_model_parallel_size
+        if pp > 1 and self.pipeline_model_parallel_layout is None and self.num_layers_in_first_pipeline_stage is None \
+                and self.num_layers_in_last_pipeline_stage is None:
+            vp = self.virtual_pipeline_model_parallel_size or 1
+            if self.num_layers % (pp * vp):
+                raise ValueError(
+                    f"num_layers={self.num_layers} cannot be split evenly over pipeline_model_parallel_size={pp}"
+                    f" x virtual stages={vp}; change num_layers or use num_layers_in_first/last_pipeline_stage"
+                )
+
+
+_FIELD_NAMES = {f.name for f in fields(XLSTMConfig)}
+
+
+def make_xlstm_config(xlstm_block: BlockFamily = "large", **kwargs: Any) -> XLSTMConfig:
+    """An XLSTMConfig with the official family defaults for every field the caller leaves out."""
+    if xlstm_block not in FAMILY_DEFAULTS:
+        raise ValueError(f"xlstm_block={xlstm_block!r} is unknown; use 'large' or 'v1'")
+    unknown = sorted(set(kwargs) - _FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown XLSTMConfig fields {unknown}; check the spelling")
+    merged = {**COMMON_DEFAULTS, **FAMILY_DEFAULTS[xlstm_block], **kwargs}
+    return XLSTMConfig(xlstm_block=xlstm_block, **merged)

@@ -1,0 +1,94 @@
+"""Tensor-parallel helpers shared by the xLSTM mixers: head partitioning, head-local parameters, checkpoint maps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.utils import _split_tensor_factory
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+
+def tp_group_of(pg_collection: ProcessGroupCollection | None) -> torch.distributed.ProcessGroup | None:
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    return pg_collection.tp
+
+
+def tp_rank_and_size(tp_group: torch.distributed.ProcessGroup | None) -> tuple[int, int]:
+    if tp_group is None or not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group)
+
+
+def local_count(total: int, tp_size: int, what: str) -> int:
+    if total % tp_size:
+        raise ValueError(f"{what}={total} is not divisible by tensor_model_parallel_size={tp_size}")
+    return total // tp_size
+
+
+def head_local_parameter(
+    full: torch.Tensor, tp_rank: int, tp_size: int, dtype: torch.dtype, dim: int = 0
+) -> torch.nn.Parameter:
+    """A parameter holding this rank's slice (along `dim`: heads or head channels) of a canonically initialised full
+    tensor; marked tensor-parallel so Megatron's optimizer, grad clipping and checkpoints treat it as sharded."""
+    local = full.chunk(tp_size, dim=dim)[tp_rank].to(dtype).contiguous()
+    param = torch.nn.Parameter(local)
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+    return param
+
+
+def fill_fused_rows(
+    weight: torch.Tensor,
+    parts: Sequence[tuple[int, Callable[[torch.Tensor], None] | None]],
+    tp_rank: int,
+    tp_size: int,
+) -> None:
+    """Initialise a column-parallel weight whose local rows are [part_0 | part_1 | ...] of this rank.
+
+    Each part is given as (global rows, init fn or None for zeros). The full part is drawn on CPU with the default
+    generator in a fixed order and the rank's slice copied in, so the model is the same for every TP size.
+    """
+    with torch.no_grad():
+        start = 0
+        for rows, init in parts:
+            full = torch.zeros(rows, weight.shape[1], dtype=torch.float32)
+            if init is not None:
+                init(full)
+            local = full.chunk(tp_size, dim=0)[tp_rank]
+            weight[start : start + local.shape[0]].copy_(local.to(weight.device, weight.dtype))
+            start += local.shape[0]
+        if start != weight.shape[0]:
+            raise AssertionError(f"fused parts cover {start} rows, weight has {weight.shape[0]}")
+
+
+def mixer_sharded_state_dict(
+    module: torch.nn.Module,
+    prefix: str,
+    sharded_offsets: tuple,
+    metadata: dict | None,
+    tp_group: torch.distributed.ProcessGroup | None,
+    local_param_axes: dict[str, int],
+    fused_splits: dict[str, tuple[list[int], list[str]]] | None = None,
+) -> ShardedStateDict:
+    """Sharded state dict for a mixer: its own head-local parameters are TP-sharded along the given axes, children
+    use their own `sharded_state_dict`, and fused column-parallel weights are split into their logical parts so that
+    checkpoints reshard across TP sizes (rows of a fused weight interleave across ranks)."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    own: dict = {}
+    module._save_to_state_dict(own, "", keep_vars=True)
+    sharded = make_sharded_tensors_for_checkpoint(
+        own, prefix, local_param_axes, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+    )
+    for name, child in module.named_children():
+        sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group))
+    for key, (sections, names) in (fused_splits or {}).items():
+        sharded[f"{prefix}{key}"] = _split_tensor_factory(sharded[f"{prefix}{key}"], sections, names, 0)
+    return sharded

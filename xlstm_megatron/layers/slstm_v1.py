@@ -1,0 +1,104 @@
+"""The v1 sLSTM mixer: the post-up-projection block's inner layer (its gated FFN is Megatron's MLP).
+
+    x [S, B, E] -> this rank's heads' channels -> x_c = SiLU(causal conv(x))
+      gates: i, f from x_c; z, o from x (block-diagonal per head) -> sLSTM recurrence (block-diagonal R per head)
+      -> GroupNorm -> all heads gathered back to [S, B, E]   (no output projection)
+
+Memory mixing happens only within a head, so heads are split over tensor-parallel ranks with no communication
+inside the recurrence: the input is replicated (or all-gathered under sequence parallel) and the output's head
+channels are all-gathered (and re-split along the sequence under sequence parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+
+from xlstm_megatron.layers.config import XLSTMConfig
+from xlstm_megatron.layers.mlstm_v1 import conv_init_
+from xlstm_megatron.layers.parallel_utils import (
+    head_local_parameter,
+    local_count,
+    mixer_sharded_state_dict,
+    tp_group_of,
+    tp_rank_and_size,
+)
+from xlstm_megatron.ops.conv import causal_conv1d
+from xlstm_megatron.ops.init import normal_init_method, slstm_forget_gate_bias, small_init_std
+from xlstm_megatron.ops.norms import head_norm
+from xlstm_megatron.ops.slstm import slstm
+
+GATES = ("i", "f", "z", "o")
+
+
+class SLSTMMixer(MegatronModule):
+    def __init__(
+        self,
+        config: XLSTMConfig,
+        submodules: object = None,
+        layer_number: int = 1,
+        pg_collection: ProcessGroupCollection | None = None,
+        name: str | None = None,
+        **_: object,
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.tp_group = tp_group_of(pg_collection)
+        self.tp_rank, tp_size = tp_rank_and_size(self.tp_group)
+        self.tp_size = tp_size
+        E, NH = config.hidden_size, config.slstm_heads
+        self.head_dim = E // NH
+        self.local_heads = local_count(NH, tp_size, "slstm_num_heads")
+        self.local_width = self.local_heads * self.head_dim
+
+        def local(full: torch.Tensor) -> torch.nn.Parameter:
+            return head_local_parameter(full, self.tp_rank, tp_size, config.params_dtype)
+
+        K, DH = config.conv_kernel_size, self.head_dim
+        conv_w, conv_b = torch.empty(E, K), torch.empty(E)
+        conv_init_(conv_w, K)
+        conv_init_(conv_b, K)
+        self.conv_weight, self.conv_bias = local(conv_w), local(conv_b)
+        gate_w = torch.empty(NH, 4, DH, DH)  # [head, gate (i, f, z, o), out, in]
+        normal_init_method(small_init_std(E))(gate_w)
+        self.gate_weight = local(gate_w)
+        self.recurrent_weight = local(torch.zeros(NH, DH, 4, DH))  # [head, in, gate, out]
+        bias = torch.zeros(NH, 4, DH)
+        bias[:, 1] = slstm_forget_gate_bias(DH, layer_number - 1, config.num_layers)
+        self.bias = local(bias)
+        self.norm_weight = local(torch.zeros(E))
+
+    def forward(self, hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+        cfg: XLSTMConfig = self.config
+        if cfg.sequence_parallel and self.tp_size > 1:
+            x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        else:
+            x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        start = self.tp_rank * self.local_width
+        x = x[..., start : start + self.local_width].transpose(0, 1)  # [B, S, local width]
+        x_c = F.silu(causal_conv1d(x, self.conv_weight, self.conv_bias))
+        B, S = x.shape[:2]
+        h, DH = self.local_heads, self.head_dim
+        w = self.gate_weight.to(x.dtype)
+        wx_if = torch.einsum("bshd,hgod->bshgo", x_c.reshape(B, S, h, DH), w[:, :2])
+        wx_zo = torch.einsum("bshd,hgod->bshgo", x.reshape(B, S, h, DH), w[:, 2:])
+        y, _ = slstm(
+            torch.cat([wx_if, wx_zo], dim=3), self.recurrent_weight, self.bias, forget_gate=cfg.slstm_forget_gate
+        )  # [B, S, h, DH]
+        y = head_norm(y, self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0).reshape(B, S, -1)
+        y = gather_from_tensor_model_parallel_region(y.transpose(0, 1).contiguous(), group=self.tp_group)
+        if cfg.sequence_parallel and self.tp_size > 1:
+            y = scatter_to_sequence_parallel_region(y, group=self.tp_group)
+        return y, None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        axes = dict.fromkeys(["conv_weight", "conv_bias", "gate_weight", "recurrent_weight", "bias", "norm_weight"], 0)
+        return mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, self.tp_group, axes)
