@@ -79,6 +79,7 @@ class MLSTMV1Mixer(MegatronModule):
         self.head_dim = inner // NH
         self.local_heads = local_count(NH, tp_size, "num_attention_heads")
         self.local_inner = self.local_heads * self.head_dim
+        self.split_sizes, self.split_names = [self.local_inner] * 2, ["x", "z"]  # local rows of in_proj
         self.in_proj = build_module(
             submodules.in_proj, E, 2 * inner, config=config, init_method=config.init_method, gather_output=False,
             bias=config.add_bias_linear, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="mlstm_v1_in",
@@ -153,5 +154,5 @@ class MLSTMV1Mixer(MegatronModule):
         axes["gate_weight"] = 1
         return mixer_sharded_state_dict(
             self, prefix, sharded_offsets, metadata, self.tp_group, axes,
-            fused_splits={"in_proj.weight": ([self.local_inner] * 2, ["x", "z"])},
+            fused_splits={"in_proj.weight": (self.split_sizes, self.split_names)},
         )
