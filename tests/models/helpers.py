@@ -23,17 +23,31 @@ def tiny_config(block: str = "large", **kwargs: Any) -> XLSTMConfig:
     return make_xlstm_config(block, **{**base, **kwargs})
 
 
-def build_model(config: XLSTMConfig, vocab_size: int, seq_length: int, **kwargs: Any) -> XLSTMModel:
+def build_model(
+    config: XLSTMConfig, vocab_size: int, seq_length: int, vp_stage: int | None = None, **kwargs: Any
+) -> XLSTMModel:
     from megatron.core import parallel_state as ps
 
+    pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    v = vp_stage or 0
     return XLSTMModel(
         config,
         vocab_size=vocab_size,
         max_sequence_length=seq_length,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=pp_rank == 0 and v == 0,
+        post_process=pp_rank == pp - 1 and v == vpp - 1,
+        vp_stage=vp_stage,
         **kwargs,
     )
+
+
+def global_name(model: torch.nn.Module, name: str) -> str:
+    """A parameter name with the pipeline stage's local layer index replaced by the global one."""
+    if not name.startswith("decoder.layers."):
+        return name
+    index, rest = name[len("decoder.layers."):].split(".", 1)
+    return f"decoder.layers.{model.decoder.layers[int(index)].layer_number - 1}.{rest}"
 
 
 def _local_parts(model: torch.nn.Module, name: str, param: torch.Tensor) -> list[int]:
@@ -62,13 +76,15 @@ def gather_full(model: torch.nn.Module, name: str, local: torch.Tensor, param: t
 
 
 def randomize_tp_invariant(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Fill every parameter with random values that are the same logical model for every TP size."""
+    """Fill every parameter with random values that are the same logical model for every TP and PP size."""
+    import zlib
+
     from megatron.core import parallel_state as ps
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            g = torch.Generator().manual_seed(seed + zlib.crc32(global_name(model, name).encode()))
             if not getattr(p, "tensor_model_parallel", False) or tp == 1:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
                 continue
