@@ -38,42 +38,27 @@ def pattern_from_positions(num_layers: int, slstm_at: list[int] | tuple[int, ...
     return "".join("s" if i in set(slstm_at) else "m" for i in range(num_layers))
 
 
-# Family defaults of the official models; `make_xlstm_config` applies those the caller did not set.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "large": dict(
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-6,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        ffn_proj_factor=2.6667,
-        gate_soft_cap=15.0,
-        output_logit_soft_cap=30.0,
-        mlstm_backward="constant",
-        mlstm_qk_dim_factor=0.5,
-        mlstm_v_dim_factor=1.0,
-        mlstm_eps=1e-6,
-        head_norm_eps=1e-6,
-    ),
-    "v1": dict(
-        normalization="LayerNorm",
-        layernorm_epsilon=1e-5,
-        gated_linear_unit=True,
-        activation_func=F.gelu,
-        ffn_proj_factor=1.3,
-        gate_soft_cap=None,
-        output_logit_soft_cap=None,
-        mlstm_backward="exact",
-        mlstm_eps=1e-6,
-        head_norm_eps=1e-5,
-    ),
+# Megatron-side settings of the official models; `make_xlstm_config` applies those the caller leaves out. (From
+# parsed arguments they come from Megatron's own flags: --normalization, --norm-epsilon, --swiglu, ...)
+MEGATRON_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "large": dict(normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu),
+    "v1": dict(normalization="LayerNorm", layernorm_epsilon=1e-5, gated_linear_unit=True, activation_func=F.gelu),
 }
-# Settings every xLSTM model shares: no biases in the big projections, no dropout, no position embedding.
+# xLSTM fields left at None take these (a soft cap of 0 switches it off).
+XLSTM_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "large": dict(ffn_proj_factor=2.6667, gate_soft_cap=15.0, output_logit_soft_cap=30.0, mlstm_backward="constant",
+                  head_norm_eps=1e-6),
+    "v1": dict(ffn_proj_factor=1.3, gate_soft_cap=0.0, output_logit_soft_cap=0.0, mlstm_backward="exact",
+               head_norm_eps=1e-5),
+}
+# Settings every xLSTM model shares: no biases in the big projections, no dropout.
 COMMON_DEFAULTS: dict[str, Any] = dict(add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 @dataclass
 class XLSTMConfig(TransformerConfig):
-    """TransformerConfig with xLSTM fields.
+    """TransformerConfig with xLSTM fields. Fields documented "family default" take the official value of
+    `xlstm_block` when left at None.
 
     `num_attention_heads` is the mLSTM head count (and the attention head count of '*' layers).
     """
@@ -98,21 +83,28 @@ class XLSTMConfig(TransformerConfig):
     conv_kernel_size: int = 4
     """v1: causal depthwise conv width (mLSTM and sLSTM)."""
 
-    gate_soft_cap: float | None = 15.0
-    """Large: input/forget gate pre-activations are soft-capped at this value (None: off)."""
-    output_logit_soft_cap: float | None = 30.0
-    """Logits soft cap (None: off)."""
-    ffn_proj_factor: float = 2.6667
-    """ffn_hidden_size = round_up(factor * hidden_size, 64) when ffn_hidden_size is not given."""
+    gate_soft_cap: float | None = None
+    """mLSTM input/forget gate pre-activations are soft-capped at this value; 0: off. Family default (15 / off)."""
+    output_logit_soft_cap: float | None = None
+    """Logits soft cap; 0: off. Family default (30 / off)."""
+    ffn_proj_factor: float | None = None
+    """ffn_hidden_size = round_up(factor * hidden_size, 64) when ffn_hidden_size is not given. Family default."""
 
     mlstm_chunk_size: int = 64
-    mlstm_backward: Literal["exact", "constant"] = "constant"
-    """'constant': normaliser and stabiliser are constants in backward (as xLSTM-7B was trained); 'exact': autograd."""
+    mlstm_backward: Literal["exact", "constant"] | None = None
+    """'constant': normaliser and stabiliser are constants in backward (as xLSTM-7B was trained); 'exact': autograd
+    through them (as the v1 code). Family default."""
     mlstm_eps: float = 1e-6
-    head_norm_eps: float = 1e-6
+    head_norm_eps: float | None = None
+    """eps of the per-head output norm. Family default (1e-6 / 1e-5)."""
     slstm_forget_gate: Literal["sigmoid", "exp"] = "sigmoid"
 
     def __post_init__(self) -> None:
+        if self.xlstm_block not in XLSTM_FAMILY_DEFAULTS:
+            raise ValueError(f"xlstm_block={self.xlstm_block!r} is unknown; use 'large' or 'v1'")
+        for name, value in XLSTM_FAMILY_DEFAULTS[self.xlstm_block].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.ffn_hidden_size is None:
             round_up = _round_up_large if self.xlstm_block == "large" else _round_up
             self.ffn_hidden_size = round_up(self.ffn_proj_factor * self.hidden_size, 64)
@@ -147,8 +139,6 @@ class XLSTMConfig(TransformerConfig):
     def validate_xlstm(self) -> None:
         tp = self.tensor_model_parallel_size
         heads = self.num_attention_heads
-        if self.xlstm_block not in FAMILY_DEFAULTS:
-            raise ValueError(f"xlstm_block={self.xlstm_block!r} is unknown; use 'large' or 'v1'")
         pattern = self.layer_pattern
         if len(pattern) != self.num_layers:
             raise ValueError(
@@ -204,10 +194,10 @@ _FIELD_NAMES = {f.name for f in fields(XLSTMConfig)}
 
 def make_xlstm_config(xlstm_block: BlockFamily = "large", **kwargs: Any) -> XLSTMConfig:
     """An XLSTMConfig with the official family defaults for every field the caller leaves out."""
-    if xlstm_block not in FAMILY_DEFAULTS:
+    if xlstm_block not in MEGATRON_FAMILY_DEFAULTS:
         raise ValueError(f"xlstm_block={xlstm_block!r} is unknown; use 'large' or 'v1'")
     unknown = sorted(set(kwargs) - _FIELD_NAMES)
     if unknown:
         raise ValueError(f"unknown XLSTMConfig fields {unknown}; check the spelling")
-    merged = {**COMMON_DEFAULTS, **FAMILY_DEFAULTS[xlstm_block], **kwargs}
+    merged = {**COMMON_DEFAULTS, **MEGATRON_FAMILY_DEFAULTS[xlstm_block], **kwargs}
     return XLSTMConfig(xlstm_block=xlstm_block, **merged)

@@ -1,0 +1,1 @@
+"""Training entry points built on megatron-core (optimizer, schedules, dist checkpointing, datasets)."""
