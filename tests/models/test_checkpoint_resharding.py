@@ -21,7 +21,7 @@ CASES = {
 def _forward_step(data_iterator, model):
     tokens, labels = next(data_iterator)
     output = model(tokens, None, None, labels=labels)
-    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
+    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach().clone()})  # schedule divides in place
 
 
 def _losses(model, batches) -> list[torch.Tensor] | None:

@@ -19,7 +19,7 @@ def _forward_step(data_iterator, model):
 
     def loss_func(output_tensor):
         loss = output_tensor.float().mean()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides the returned loss in place
 
     return output, loss_func
 
