@@ -48,9 +48,8 @@ from megatron.core.extensions.transformer_engine import (  # noqa: E402
 
 
 def _linears(use_te: bool) -> tuple[Any, Any]:
+    # Specs are data: they may name TE classes without TE installed (only building them needs TE).
     if use_te:
-        if not HAVE_TE:
-            raise ValueError("the Transformer Engine spec needs transformer_engine; install it or use the local spec")
         return TELayerNormColumnParallelLinear, TERowParallelLinear
     return ColumnParallelLinear, RowParallelLinear
 
@@ -112,8 +111,10 @@ def xlstm_block_spec(
     """Layer specs of this pipeline stage plus the final norm. `config` is an XLSTMConfig or Megatron's
     GPTModelConfig wrapping one (what the GPT builder passes to a `--spec` function)."""
     config = as_xlstm_config(getattr(config, "transformer", config))
-    if use_te is None:
+    if use_te is None:  # Megatron's default impl is TE; like Megatron, fall back to local modules without it
         use_te = config.transformer_impl == "transformer_engine" and HAVE_TE
+    elif use_te and not HAVE_TE:
+        raise ValueError("use_te=True needs transformer_engine, which does not import here; use the local spec")
     layers = [xlstm_layer_spec(config, s, use_te) for s in config.layer_pattern]
     if config.pipeline_model_parallel_layout is not None:
         raise ValueError("pipeline_model_parallel_layout is not supported by xLSTM stacks; use num_layers_in_*_stage")

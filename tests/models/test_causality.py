@@ -1,0 +1,30 @@
+"""Every layer kind is causal: changing token t changes no logit before t (and does change logits at t)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.megatron.dist import run_distributed
+from tests.models.helpers import build_model, randomize_tp_invariant, tiny_config
+
+
+def _prefix_and_suffix_change(block: str, cfg: dict, t: int):
+    model = build_model(tiny_config(block, **cfg), 50, 12)
+    randomize_tp_invariant(model, seed=1, std=0.2)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    changed = tokens.clone()
+    changed[:, t] = (changed[:, t] + 1) % 50
+    with torch.no_grad():
+        a, b = model(tokens, None, None), model(changed, None, None)
+    return (a[:, :t] - b[:, :t]).abs().max().item(), (a[:, t:] - b[:, t:]).abs().max().item()
+
+
+@pytest.mark.parametrize("block,cfg", [
+    ("large", dict(num_layers=2, hidden_size=32, num_attention_heads=2, mlstm_chunk_size=4)),
+    ("v1", dict(num_layers=3, hidden_size=64, num_attention_heads=4, slstm_num_heads=2, xlstm_pattern="m*s",
+                mlstm_chunk_size=4)),
+], ids=["large", "v1-with-attention"])
+def test_causal(block, cfg):
+    before, after = run_distributed(_prefix_and_suffix_change, world_size=1, args=(block, cfg, 7))[0]
+    assert before == 0.0 and after > 1e-3
