@@ -9,6 +9,7 @@ from xlstm_megatron.ops.init import (
     wang_init_std,
 )
 from xlstm_megatron.ops.norms import head_norm, layer_norm, rms_norm
+from xlstm_megatron.ops.slstm import SLSTMState, slstm, slstm_reference
 from xlstm_megatron.ops.softcap import soft_cap
 
 __all__ = [
@@ -19,7 +20,10 @@ __all__ = [
     "mlstm_forget_gate_bias",
     "normal_init_method",
     "rms_norm",
+    "SLSTMState",
+    "slstm",
     "slstm_forget_gate_bias",
+    "slstm_reference",
     "small_init_std",
     "soft_cap",
     "wang_init_std",
