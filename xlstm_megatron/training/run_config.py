@@ -189,7 +189,20 @@ def load_run_config(args: argparse.Namespace) -> tuple[dict[str, Any], RunConfig
     except TypeError as e:
         raise ConfigError(f"bad train section: {e}") from None
     _check_types(run)
+    _check_values(run)
     return model, run
+
+
+def _check_values(run: RunConfig) -> None:
+    decay = run.lr_decay_iters or run.train_iters
+    if not 0 <= run.lr_warmup_iters < max(decay, 1):
+        raise ConfigError(f"lr_warmup_iters={run.lr_warmup_iters} must be below lr_decay_iters={decay} "
+                          "(defaults to train_iters); lower the warmup or raise the decay length")
+    if run.min_lr > run.lr:
+        raise ConfigError(f"min_lr={run.min_lr} is above lr={run.lr}; lower min_lr")
+    for name in ("micro_batch_size", "train_iters", "seq_length", "nproc", "log_interval"):
+        if getattr(run, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(run, name)}")
 
 
 def _check_types(run: RunConfig) -> None:

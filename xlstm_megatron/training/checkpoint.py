@@ -1,0 +1,117 @@
+"""Distributed checkpoints of model, optimizer and scheduler with auto-resume from the latest one.
+
+Layout (as Megatron-LM's): `<dir>/iter_0000100/` (a megatron-core dist checkpoint) and
+`<dir>/latest_checkpointed_iteration.txt`. Common (unsharded) state holds the iteration, the scheduler, the loss
+history and an architecture fingerprint that is checked before any tensor is read, so loading a checkpoint of another
+architecture fails with one line instead of a shape error deep inside the loader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xlstm_megatron.layers.config import XLSTMConfig
+from xlstm_megatron.training.run_config import ConfigError
+
+LATEST = "latest_checkpointed_iteration.txt"
+ARCH_FIELDS = (
+    "xlstm_block", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "layer_pattern",
+    "slstm_heads", "mlstm_qk_dim_factor", "mlstm_v_dim_factor", "mlstm_proj_factor", "mlstm_qkv_block_size",
+    "conv_kernel_size", "gated_linear_unit", "normalization",
+)
+
+
+def architecture(config: XLSTMConfig, vocab_size: int) -> dict[str, Any]:
+    return {**{name: getattr(config, name) for name in ARCH_FIELDS}, "vocab_size": vocab_size}
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path | None) -> int | None:
+    if root is None:
+        return None
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit() or not iteration_dir(root, int(text)).is_dir():
+        raise ConfigError(f"{marker} names {text!r}, which is not a complete checkpoint there; fix or remove it")
+    return int(text)
+
+
+def _metadata(use_distributed_optimizer: bool) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    return metadata
+
+
+def _sharded_state(model: list[torch.nn.Module], optimizer: Any, metadata: dict, is_loading: bool) -> dict:
+    state: dict[str, Any] = {}
+    for i, chunk in enumerate(model):
+        state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def save_checkpoint(
+    root: str | Path, iteration: int, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+    arch: dict[str, Any], extra: dict[str, Any], use_distributed_optimizer: bool,
+) -> Path:
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, iteration)
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=False)
+    torch.distributed.barrier()
+    metadata = _metadata(use_distributed_optimizer)
+    state = _sharded_state(model, optimizer, metadata, is_loading=False)
+    state.update(iteration=iteration, scheduler=scheduler.state_dict(), arch=arch, extra=extra)
+    dist_checkpointing.save(state, str(path), content_metadata=metadata)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:  # the pointer moves only once the checkpoint is complete
+        tmp = Path(root) / (LATEST + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(root) / LATEST)
+    torch.distributed.barrier()
+    return path
+
+
+def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's common state, after checking it was saved for this architecture."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved = common.get("arch")
+    if saved is None:
+        raise ConfigError(f"{path} is not an xlstm-megatron checkpoint (no architecture record); check --load")
+    diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in arch.items() if saved.get(k) != v]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {path} has a different architecture ({', '.join(diffs[:3])}); "
+            "load a matching checkpoint or use its model config"
+        )
+    return common
+
+
+def load_checkpoint(
+    path: Path, model: list[torch.nn.Module], optimizer: Any, scheduler: Any, arch: dict[str, Any],
+    use_distributed_optimizer: bool,
+) -> dict[str, Any]:
+    """Load model, optimizer and scheduler in place; returns the common state (iteration, extra)."""
+    from megatron.core import dist_checkpointing
+
+    common = check_architecture(path, arch)
+    metadata = _metadata(use_distributed_optimizer)
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, metadata, is_loading=True), str(path))
+    for i, chunk in enumerate(model):
+        chunk.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    return common
