@@ -8,11 +8,23 @@ from xlstm_megatron.ops.init import (
     small_init_std,
     wang_init_std,
 )
+from xlstm_megatron.ops.mlstm import (
+    MLSTMState,
+    mlstm_chunkwise,
+    mlstm_parallel,
+    mlstm_recurrent,
+    mlstm_recurrent_step,
+)
 from xlstm_megatron.ops.norms import head_norm, layer_norm, rms_norm
 from xlstm_megatron.ops.slstm import SLSTMState, slstm, slstm_reference
 from xlstm_megatron.ops.softcap import soft_cap
 
 __all__ = [
+    "MLSTMState",
+    "mlstm_chunkwise",
+    "mlstm_parallel",
+    "mlstm_recurrent",
+    "mlstm_recurrent_step",
     "causal_conv1d",
     "causal_conv1d_step",
     "head_norm",
