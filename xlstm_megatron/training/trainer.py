@@ -273,5 +273,12 @@ def train(model_kwargs: dict[str, Any], run: RunConfig, sources: DataSources) ->
         reporter.message(f"loss curve: {summary['loss_curve']}")
     if last_val is not None:
         summary["valid_ppl"] = math.exp(min(last_val, 50.0))
+    if rank == 0 and not sources.mock and data.train is not None and data.valid is not None and last_val is not None:
+        from xlstm_megatron.training.baseline import perplexity, unigram_baseline_loss
+
+        base = unigram_baseline_loss(data.train, data.valid, run.train_iters * gbs, run.eval_iters * gbs, vocab)
+        summary.update(unigram_valid_loss=base, unigram_valid_ppl=perplexity(base))
+        reporter.message(f"validation PPL {summary['valid_ppl']:.1f} vs unigram baseline PPL {perplexity(base):.1f} "
+                         f"(unigram fit on the {run.train_iters * gbs} training samples)")
     reporter.close()
     return summary
