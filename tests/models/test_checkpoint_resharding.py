@@ -21,7 +21,8 @@ CASES = {
 def _forward_step(data_iterator, model):
     tokens, labels = next(data_iterator)
     output = model(tokens, None, None, labels=labels)
-    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach().clone()})  # schedule divides in place
+    # The schedule divides the returned loss in place; report a separate tensor.
+    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach().clone()})
 
 
 def _losses(model, batches) -> list[torch.Tensor] | None:

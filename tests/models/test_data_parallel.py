@@ -15,7 +15,8 @@ CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=2, slstm_num_heads=
 def _forward_step(data_iterator, model):
     tokens, labels = next(data_iterator)
     output = model(tokens, None, None, labels=labels)
-    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach().clone()})  # schedule divides in place
+    # The schedule divides the returned loss in place; report a separate tensor.
+    return output, lambda out: (out.float().mean(), {"loss": out.float().mean().detach().clone()})
 
 
 def _train() -> dict:

@@ -31,7 +31,7 @@ def _round_up_large(x: float, multiple: int) -> int:
 
 
 def pattern_from_positions(num_layers: int, slstm_at: list[int] | tuple[int, ...]) -> str:
-    """The paper's xLSTM[a:b] notation as a pattern string: sLSTM at the given 0-based block indices, mLSTM elsewhere."""
+    """The paper's xLSTM[a:b] layouts as a pattern: sLSTM at the given 0-based block indices, mLSTM elsewhere."""
     bad = [i for i in slstm_at if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"sLSTM positions {bad} are outside 0..{num_layers - 1}; fix slstm_at or num_layers")

@@ -1,8 +1,9 @@
 """Run configuration: YAML files with Megatron-style command-line overrides.
 
 A YAML file has two sections, `model` (XLSTMConfig fields: architecture) and `train` (RunConfig fields: parallelism,
-data, optimisation, logging, checkpoints), and an optional free-form `info` section (name, source, parameter count). Every key is also a flag (`--hidden-size 128`, `--micro-batch-size 4`);
-precedence is defaults < YAML < flags. Unknown keys fail before any work with the closest valid name.
+data, optimisation, logging, checkpoints), and an optional free-form `info` section (name, source, parameter count).
+Every key is also a flag (`--hidden-size 128`, `--micro-batch-size 4`); precedence is defaults < YAML < flags.
+Unknown keys fail before any work with the closest valid name.
 """
 
 from __future__ import annotations
