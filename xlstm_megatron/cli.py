@@ -46,6 +46,7 @@ def _train_worker(model_kwargs: dict[str, Any], run: Any, sources: Any) -> None:
 
 def train_main(argv: list[str]) -> int:
     from xlstm_megatron.data.errors import DataConfigError
+    from xlstm_megatron.training import checkpoint as ckpt
     from xlstm_megatron.training.batches import padded_vocab_size, resolve_data_sources
     from xlstm_megatron.training.distributed import check_world, launch_env, run_processes
     from xlstm_megatron.training.run_config import ConfigError, add_run_args, load_run_config
@@ -57,11 +58,15 @@ def train_main(argv: list[str]) -> int:
         model_kwargs, run = load_run_config(args)
         env = launch_env()
         check_world(run, env.world_size if env.launched else run.nproc)
-        build_model_config(model_kwargs, run)
+        config = build_model_config(model_kwargs, run)
         sources = None
         if not env.launched:
             sources = resolve_data_sources(run)
-            padded_vocab_size(run, sources.tokenizer.load() if sources.tokenizer else None)
+            vocab = padded_vocab_size(run, sources.tokenizer.load() if sources.tokenizer else None)
+            root = run.load or run.save
+            resume = ckpt.latest_iteration(root)
+            if resume is not None:  # a checkpoint of another architecture fails here, before anything is written
+                ckpt.check_architecture(ckpt.iteration_dir(root, resume), ckpt.architecture(config, vocab))
     except (ConfigError, DataConfigError) as e:
         return _fail(str(e))
     if env.launched:

@@ -1,4 +1,8 @@
-"""Pure torch math of xLSTM: no Megatron import here, so the ops can be used (and tested) on their own."""
+"""Pure torch math of xLSTM: no Megatron import here, so the ops can be used (and tested) on their own.
+
+The sLSTM cell is imported from its subpackage (`from xlstm_megatron.ops.slstm import slstm`): re-exporting the
+function here would shadow the subpackage `xlstm_megatron.ops.slstm` itself.
+"""
 
 from xlstm_megatron.ops.conv import causal_conv1d, causal_conv1d_step
 from xlstm_megatron.ops.init import (
@@ -16,7 +20,6 @@ from xlstm_megatron.ops.mlstm import (
     mlstm_recurrent_step,
 )
 from xlstm_megatron.ops.norms import head_norm, layer_norm, rms_norm
-from xlstm_megatron.ops.slstm import SLSTMState, slstm, slstm_reference
 from xlstm_megatron.ops.softcap import soft_cap
 
 __all__ = [
@@ -32,10 +35,7 @@ __all__ = [
     "mlstm_forget_gate_bias",
     "normal_init_method",
     "rms_norm",
-    "SLSTMState",
-    "slstm",
     "slstm_forget_gate_bias",
-    "slstm_reference",
     "small_init_std",
     "soft_cap",
     "wang_init_std",
