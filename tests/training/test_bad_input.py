@@ -36,7 +36,7 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     (MODEL, {k: v for k, v in TRAIN.items() if k != "mock_data"}, ("--data-path", "/nonexistent/corpus_text_document"),
      "corpus_text_document"),
     (MODEL, TRAIN, ("--tensor-model-parallel-size", "2", "--nproc", "3"), "multiple of 2"),
-    ({**MODEL, "xlstm_pattern": "msx"}, TRAIN, (), "unknown symbols"),
+    ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
 ])
 def test_bad_config_and_data_fail_fast(tmp_path, model, train, flags, match):
     assert match in _one_error_line(_run(tmp_path, model, train, *flags))
@@ -56,7 +56,7 @@ def test_tokenizer_larger_than_model_vocab(tmp_path):
     builder.finalize(str(tmp_path / "d_text_document.idx"))
     train = {k: v for k, v in TRAIN.items() if k != "mock_data"}
     proc = _run(tmp_path, MODEL, {**train, "vocab_size": 64}, "--data-path", str(tmp_path / "d_text_document"),
-                "--tokenizer-model", str(tmp_path / "tokenizer.json"))
+                "--tokenizer-model", str(tmp_path / "tokenizer.json"), "--eod-token", "<eod>")
     assert "vocab_size=64" in _one_error_line(proc)
 
 

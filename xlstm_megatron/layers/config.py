@@ -41,16 +41,17 @@ def pattern_from_positions(num_layers: int, slstm_at: list[int] | tuple[int, ...
 # Megatron-side settings of the official models; `make_xlstm_config` applies those the caller leaves out. (From
 # parsed arguments they come from Megatron's own flags: --normalization, --norm-epsilon, --swiglu, ...)
 MEGATRON_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "large": dict(normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu),
-    "v1": dict(normalization="LayerNorm", layernorm_epsilon=1e-5, gated_linear_unit=True, activation_func=F.gelu),
+    "large": dict(normalization="RMSNorm", layernorm_epsilon=1e-6),
+    "v1": dict(normalization="LayerNorm", layernorm_epsilon=1e-5),
 }
 # xLSTM fields left at None take these (a soft cap of 0 switches it off).
 XLSTM_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "large": dict(ffn_proj_factor=2.6667, gate_soft_cap=15.0, output_logit_soft_cap=30.0, mlstm_backward="constant",
-                  head_norm_eps=1e-6),
-    "v1": dict(ffn_proj_factor=1.3, gate_soft_cap=0.0, output_logit_soft_cap=0.0, mlstm_backward="exact",
-               head_norm_eps=1e-5),
+    "large": dict(ffn_proj_factor=2.6667, ffn_activation="silu", gate_soft_cap=15.0, output_logit_soft_cap=30.0,
+                  mlstm_backward="constant", head_norm_eps=1e-6),
+    "v1": dict(ffn_proj_factor=1.3, ffn_activation="gelu", gate_soft_cap=0.0, output_logit_soft_cap=0.0,
+               mlstm_backward="exact", head_norm_eps=1e-5),
 }
+FFN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 # Settings every xLSTM model shares: no biases in the big projections, no dropout.
 COMMON_DEFAULTS: dict[str, Any] = dict(add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -89,6 +90,9 @@ class XLSTMConfig(TransformerConfig):
     """Logits soft cap; 0: off. Family default (30 / off)."""
     ffn_proj_factor: float | None = None
     """ffn_hidden_size = round_up(factor * hidden_size, 64) when ffn_hidden_size is not given. Family default."""
+    ffn_activation: Literal["silu", "gelu"] | None = None
+    """Activation of the gated FFN (always gated): Large SwiGLU ('silu'), v1 exact-GELU GLU ('gelu'). Family default.
+    Overrides Megatron's activation flags, which cannot express an exact-GELU GLU."""
 
     mlstm_chunk_size: int = 64
     mlstm_backward: Literal["exact", "constant"] | None = None
@@ -105,6 +109,12 @@ class XLSTMConfig(TransformerConfig):
         for name, value in XLSTM_FAMILY_DEFAULTS[self.xlstm_block].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise ValueError(f"ffn_activation={self.ffn_activation!r} is unknown; use one of {sorted(FFN_ACTIVATIONS)}")
+        self.gated_linear_unit, self.activation_func = True, FFN_ACTIVATIONS[self.ffn_activation]
+        # Per-layer checkpoint keys: Megatron otherwise stacks same-named layer tensors along a layer axis, which
+        # breaks for mixed mLSTM/sLSTM stacks whose mixers share parameter names with different shapes.
+        self.hetereogenous_dist_checkpoint = True
         if self.ffn_hidden_size is None:
             round_up = _round_up_large if self.xlstm_block == "large" else _round_up
             self.ffn_hidden_size = round_up(self.ffn_proj_factor * self.hidden_size, 64)

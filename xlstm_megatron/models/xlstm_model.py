@@ -56,9 +56,3 @@ class XLSTMModel(GPTModel):
         if post_process and config.output_logit_soft_cap:
             # A forward hook keeps GPTModel's post-processing (loss, parallel output) untouched.
             self.output_layer.register_forward_hook(_soft_cap_hook(config.output_logit_soft_cap))
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        # Per-layer checkpoint keys: Megatron stacks same-named layer tensors along a layer axis, which breaks for
-        # mixed mLSTM/sLSTM stacks whose mixers share parameter names with different shapes.
-        metadata = {**(metadata or {}), "non_homogeneous_layers": True}
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)

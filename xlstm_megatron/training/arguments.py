@@ -25,6 +25,7 @@ XLSTM_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
     ("gate_soft_cap", float, None, "mLSTM gate soft cap, 0 = off (Large 15, v1 off)"),
     ("output_logit_soft_cap", float, None, "logit soft cap, 0 = off (Large 30, v1 off)"),
     ("ffn_proj_factor", float, None, "FFN width factor when --ffn-hidden-size is unset (Large 2.6667, v1 1.3)"),
+    ("ffn_activation", str, ("silu", "gelu"), "gated-FFN activation (Large silu, v1 exact gelu)"),
     ("mlstm_chunk_size", int, None, "chunk length of the chunkwise mLSTM kernel (64)"),
     ("mlstm_backward", str, ("exact", "constant"), "mLSTM backward semantics (Large constant, v1 exact)"),
     ("mlstm_eps", float, None, "mLSTM normaliser eps (1e-6)"),

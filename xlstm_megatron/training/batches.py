@@ -44,7 +44,7 @@ def resolve_data_sources(run: RunConfig) -> DataSources:
     prefixes, _ = parse_data_path(run.data_path)
     check_data_prefixes(prefixes)
     spec = TokenizerSpec(run.tokenizer_type, tokenizer_model=run.tokenizer_model, vocab_file=run.vocab_file,
-                         merge_file=run.merge_file, vocab_size=run.vocab_size)
+                         merge_file=run.merge_file, vocab_size=run.vocab_size, eod_token=run.eod_token)
     spec.validate()
     return DataSources(list(run.data_path), spec, False)
 

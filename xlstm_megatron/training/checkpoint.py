@@ -52,7 +52,23 @@ def _metadata(use_distributed_optimizer: bool) -> dict[str, Any]:
     return metadata
 
 
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer its Adam state before it describes a checkpoint to load into.
+
+    Without Apex/TE, megatron-core's `DistributedOptimizer.state_dict()` reads each parameter's torch-Adam `step`,
+    which exists only after a first step; Megatron's own zero-gradient dummy step creates it. The values it touches
+    are all overwritten by the load that follows.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def _sharded_state(model: list[torch.nn.Module], optimizer: Any, metadata: dict, is_loading: bool) -> dict:
+    if is_loading:
+        _ensure_optimizer_state(optimizer)
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model):
         state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
@@ -100,6 +116,7 @@ def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
     return common
 
 
+@torch.no_grad()  # the distributed optimizer copies into views of the parameters
 def load_checkpoint(
     path: Path, model: list[torch.nn.Module], optimizer: Any, scheduler: Any, arch: dict[str, Any],
     use_distributed_optimizer: bool,

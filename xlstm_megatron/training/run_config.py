@@ -51,6 +51,8 @@ class RunConfig:
     tokenizer_model: str | None = None
     vocab_file: str | None = None
     merge_file: str | None = None
+    eod_token: str | None = None
+    """End-of-document token text, when the tokenizer files do not say."""
     seq_length: int = 256
     vocab_size: int | None = None
     """Model vocab; None: the tokenizer's, padded to make_vocab_size_divisible_by x TP."""
