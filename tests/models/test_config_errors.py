@@ -18,6 +18,7 @@ BAD = [
     (dict(num_layers=3, xlstm_pattern="mmm", pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
      "cannot be split evenly"),
     (dict(mlstm_qk_dim_factor=0.3), "mlstm_qk_dim_factor"),
+    (dict(mlstm_qk_dim=30), "mlstm_qk width 30"),
     (dict(xlstm_block="v1", num_attention_heads=32, hidden_size=32), "mlstm_qkv_block_size"),
     (dict(mlstm_backward="approx"), "mlstm_backward"),
     (dict(hidden_sise=64), "unknown XLSTMConfig fields"),

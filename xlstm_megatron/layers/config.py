@@ -77,6 +77,10 @@ class XLSTMConfig(TransformerConfig):
     """Large: q/k width = factor * hidden_size."""
     mlstm_v_dim_factor: float = 1.0
     """Large: v width = factor * hidden_size."""
+    mlstm_qk_dim: int | None = None
+    """Large: total q/k width, overriding the factor (HF's xLSTM rounds it up to a multiple of 64)."""
+    mlstm_v_dim: int | None = None
+    """Large: total v width, overriding the factor."""
     mlstm_proj_factor: float = 2.0
     """v1: mLSTM up-projection width = round_up(factor * hidden_size, 64)."""
     mlstm_qkv_block_size: int = 4
@@ -133,6 +137,16 @@ class XLSTMConfig(TransformerConfig):
         return self.xlstm_pattern if self.xlstm_pattern is not None else "m" * self.num_layers
 
     @property
+    def mlstm_qk_width(self) -> int:
+        """Large: total q/k width over all heads."""
+        return self.mlstm_qk_dim or int(self.mlstm_qk_dim_factor * self.hidden_size)
+
+    @property
+    def mlstm_v_width(self) -> int:
+        """Large: total v width over all heads."""
+        return self.mlstm_v_dim or int(self.mlstm_v_dim_factor * self.hidden_size)
+
+    @property
     def mlstm_inner_size(self) -> int:
         """v1 up-projection width."""
         return _round_up(self.mlstm_proj_factor * self.hidden_size, 64)
@@ -168,12 +182,13 @@ class XLSTMConfig(TransformerConfig):
             if self.hidden_size % sh:
                 raise ValueError(f"hidden_size={self.hidden_size} is not divisible by slstm_num_heads={sh}")
         if self.xlstm_block == "large":
-            for name, factor in (("mlstm_qk_dim_factor", self.mlstm_qk_dim_factor),
-                                 ("mlstm_v_dim_factor", self.mlstm_v_dim_factor)):
-                width = factor * self.hidden_size
-                if width != int(width) or int(width) % heads:
+            for name, explicit, factor in (("mlstm_qk", self.mlstm_qk_dim, self.mlstm_qk_dim_factor),
+                                           ("mlstm_v", self.mlstm_v_dim, self.mlstm_v_dim_factor)):
+                width = explicit if explicit is not None else factor * self.hidden_size
+                if width != int(width) or int(width) % heads or width <= 0:
                     raise ValueError(
-                        f"{name}*hidden_size={width:g} must be an integer divisible by num_attention_heads={heads}"
+                        f"{name} width {width:g} ({name}_dim, or {name}_dim_factor x hidden_size) must be a positive "
+                        f"integer divisible by num_attention_heads={heads}"
                     )
         else:
             inner, bs = self.mlstm_inner_size, self.mlstm_qkv_block_size

@@ -58,8 +58,8 @@ class MLSTMLargeMixer(MegatronModule):
 
         E, NH = config.hidden_size, config.num_attention_heads
         self.num_heads = NH
-        self.qk_head_dim = int(config.mlstm_qk_dim_factor * E) // NH
-        self.v_head_dim = int(config.mlstm_v_dim_factor * E) // NH
+        self.qk_head_dim = config.mlstm_qk_width // NH
+        self.v_head_dim = config.mlstm_v_width // NH
         self.local_heads = local_count(NH, tp_size, "num_attention_heads")
         h = self.local_heads
         # Local row layout of in_proj; the checkpoint stores each part as its own tensor.

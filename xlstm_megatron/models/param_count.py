@@ -37,8 +37,8 @@ def mlp_parameters(config: XLSTMConfig) -> int:
 
 def mlstm_large_mixer_parameters(config: XLSTMConfig) -> int:
     E, NH = config.hidden_size, config.num_attention_heads
-    dqk = int(config.mlstm_qk_dim_factor * E) // NH
-    dv = int(config.mlstm_v_dim_factor * E) // NH
+    dqk = config.mlstm_qk_width // NH
+    dv = config.mlstm_v_width // NH
     in_proj = _linear(E, NH * (2 * dqk + 2 * dv + 2), bias=False)  # q | k | v | o | i | f, never a bias
     gates_and_norm = 2 * NH + NH * dv  # input/forget gate biases, per-head norm weight
     return in_proj + gates_and_norm + _linear(NH * dv, E, config.add_bias_linear)

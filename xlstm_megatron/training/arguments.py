@@ -19,6 +19,8 @@ XLSTM_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
     ("slstm_num_heads", int, None, "sLSTM heads (default: --num-attention-heads)"),
     ("mlstm_qk_dim_factor", float, None, "Large: q/k width as a fraction of the hidden size (0.5)"),
     ("mlstm_v_dim_factor", float, None, "Large: v width as a fraction of the hidden size (1.0)"),
+    ("mlstm_qk_dim", int, None, "Large: total q/k width, overriding the factor"),
+    ("mlstm_v_dim", int, None, "Large: total v width, overriding the factor"),
     ("mlstm_proj_factor", float, None, "v1: mLSTM up-projection factor (2.0)"),
     ("mlstm_qkv_block_size", int, None, "v1: block size of the q/k/v projections (4)"),
     ("conv_kernel_size", int, None, "v1: causal conv width (4)"),

@@ -20,7 +20,7 @@ from xlstm_megatron.training.run_config import ConfigError
 LATEST = "latest_checkpointed_iteration.txt"
 ARCH_FIELDS = (
     "xlstm_block", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "layer_pattern",
-    "slstm_heads", "mlstm_qk_dim_factor", "mlstm_v_dim_factor", "mlstm_proj_factor", "mlstm_qkv_block_size",
+    "slstm_heads", "mlstm_qk_width", "mlstm_v_width", "mlstm_proj_factor", "mlstm_qkv_block_size",
     "conv_kernel_size", "gated_linear_unit", "normalization",
 )
 
