@@ -10,10 +10,8 @@ Writes bench/results/mlstm_chunkwise_cpu.json.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +30,7 @@ from mlstm_kernels.torch.chunkwise.native import (  # noqa: E402
     mlstm_chunkwise__native_custbw,
 )
 
+from bench.run_env import run_env  # noqa: E402
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise  # noqa: E402
 
 IMPLS: dict[str, Callable] = {
@@ -144,28 +143,6 @@ def bench_lengths(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test)")
@@ -218,7 +195,7 @@ def main() -> None:
         print(f"{r['S']:6d} {r['input_MiB']:9.2f} | {cells[0]} | {cells[1]}")
 
     result = {
-        "machine": _machine(),
+        "machine": run_env(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "comparison": comparison,
         "vs_sequence_length": lengths,

@@ -10,12 +10,8 @@ bench/results/slstm_cpu.json.
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import xlstm  # noqa: E402
 from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig  # noqa: E402
 
+from bench.run_env import run_env  # noqa: E402
 from xlstm_megatron.ops.slstm import slstm, slstm_reference  # noqa: E402
 
 FULL_SHAPES = [(8, 256, 4, 64), (4, 512, 4, 32), (16, 128, 4, 128)]  # (B, S, NH, DH)
@@ -89,25 +85,6 @@ def bench_shape(bsz: int, seq: int, nh: int, dh: int, repeats: int, with_referen
     return row
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and 2 repeats (smoke test)")
@@ -139,11 +116,7 @@ def main() -> None:
         "benchmark": "slstm_cpu fwd+bwd (fp32)",
         "quick": args.quick,
         "repeats": repeats,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": _machine(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "xlstm": xlstm.__version__
-                     if hasattr(xlstm, "__version__") else "unknown"},
+        "machine": run_env(),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
