@@ -4,6 +4,9 @@ Layout (as Megatron-LM's): `<dir>/iter_0000100/` (a megatron-core dist checkpoin
 `<dir>/latest_checkpointed_iteration.txt`. Common (unsharded) state holds the iteration, the scheduler, the loss
 history and an architecture fingerprint that is checked before any tensor is read, so loading a checkpoint of another
 architecture fails with one line instead of a shape error deep inside the loader.
+
+A weights-only checkpoint (what the converters write: `weights_only: True` in the common state, no optimizer or
+scheduler state) loads the model and leaves the optimizer and schedule fresh, at the checkpoint's iteration (0).
 """
 
 from __future__ import annotations
@@ -66,29 +69,49 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _model_key(model: list[torch.nn.Module], i: int) -> str:
+    return "model" if len(model) == 1 else f"model{i}"
+
+
+def _model_state(model: list[torch.nn.Module], metadata: dict) -> dict[str, Any]:
+    return {_model_key(model, i): chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)}
+
+
+def _torch_adam_states(optimizer: Any) -> list[dict]:
+    return [state for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for state in opt.optimizer.state.values() if torch.is_tensor(state.get("step"))]
+
+
+def _adam_step(optimizer: Any) -> float | None:
+    """The step count of torch's Adam (it keeps one per parameter; they are all equal)."""
+    states = _torch_adam_states(optimizer)
+    return float(states[0]["step"]) if states else None
+
+
+def _restore_adam_step(optimizer: Any, step: float | None) -> None:
+    """megatron-core's distributed-optimizer checkpoints restore Adam's moments but not torch Adam's per-parameter
+    `step` (they keep it for Apex/TE's fused Adam only): without this, bias correction restarts after a resume."""
+    if step is None:
+        return
+    for state in _torch_adam_states(optimizer):
+        state["step"] = torch.full_like(state["step"], step)
+
+
 def _sharded_state(model: list[torch.nn.Module], optimizer: Any, metadata: dict, is_loading: bool) -> dict:
     if is_loading:
         _ensure_optimizer_state(optimizer)
-    state: dict[str, Any] = {}
-    for i, chunk in enumerate(model):
-        state["model" if len(model) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    state = _model_state(model, metadata)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 
-def save_checkpoint(
-    root: str | Path, iteration: int, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
-    arch: dict[str, Any], extra: dict[str, Any], use_distributed_optimizer: bool,
-) -> Path:
+def _save(root: str | Path, iteration: int, state: dict[str, Any], metadata: dict[str, Any]) -> Path:
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=False)
     torch.distributed.barrier()
-    metadata = _metadata(use_distributed_optimizer)
-    state = _sharded_state(model, optimizer, metadata, is_loading=False)
-    state.update(iteration=iteration, scheduler=scheduler.state_dict(), arch=arch, extra=extra)
     dist_checkpointing.save(state, str(path), content_metadata=metadata)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:  # the pointer moves only once the checkpoint is complete
@@ -97,6 +120,27 @@ def save_checkpoint(
         os.replace(tmp, Path(root) / LATEST)
     torch.distributed.barrier()
     return path
+
+
+def save_checkpoint(
+    root: str | Path, iteration: int, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+    arch: dict[str, Any], extra: dict[str, Any], use_distributed_optimizer: bool,
+) -> Path:
+    metadata = _metadata(use_distributed_optimizer)
+    state = _sharded_state(model, optimizer, metadata, is_loading=False)
+    state.update(iteration=iteration, scheduler=scheduler.state_dict(), arch=arch, extra=extra,
+                 adam_step=_adam_step(optimizer))
+    return _save(root, iteration, state, metadata)
+
+
+def save_weights_checkpoint(
+    root: str | Path, model: list[torch.nn.Module], arch: dict[str, Any], extra: dict[str, Any]
+) -> Path:
+    """A weights-only checkpoint at iteration 0 (converted weights): `train --load` starts a fresh optimizer."""
+    metadata = _metadata(use_distributed_optimizer=False)
+    state: dict[str, Any] = _model_state(model, metadata)
+    state.update(iteration=0, arch=arch, extra=extra, weights_only=True)
+    return _save(root, 0, state, metadata)
 
 
 def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
@@ -116,19 +160,35 @@ def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
     return common
 
 
+@torch.no_grad()
+def load_model_weights(path: Path, model: list[torch.nn.Module]) -> None:
+    """Load only the model chunks of any of our checkpoints (full or weights-only), resharded to this layout."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(_model_state(model, _metadata(use_distributed_optimizer=False)), str(path))
+    for i, chunk in enumerate(model):
+        chunk.load_state_dict(loaded[_model_key(model, i)])
+
+
 @torch.no_grad()  # the distributed optimizer copies into views of the parameters
 def load_checkpoint(
     path: Path, model: list[torch.nn.Module], optimizer: Any, scheduler: Any, arch: dict[str, Any],
     use_distributed_optimizer: bool,
 ) -> dict[str, Any]:
-    """Load model, optimizer and scheduler in place; returns the common state (iteration, extra)."""
+    """Load model, optimizer and scheduler in place; returns the common state (iteration, extra). A weights-only
+    checkpoint loads the model, refreshes the optimizer's copies of the parameters and keeps the fresh schedule."""
     from megatron.core import dist_checkpointing
 
     common = check_architecture(path, arch)
+    if common.get("weights_only"):
+        load_model_weights(path, model)
+        optimizer.reload_model_params()  # fp32 main params / distributed-optimizer shards were copied at build time
+        return common
     metadata = _metadata(use_distributed_optimizer)
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, metadata, is_loading=True), str(path))
     for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
+        chunk.load_state_dict(loaded[_model_key(model, i)])
     optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer, common.get("adam_step"))
     scheduler.load_state_dict(common["scheduler"])
     return common
