@@ -59,9 +59,9 @@ def _build(argv: list[str], tokenizer_vocab: int, meta: bool):
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
-    from megatron.training.models.gpt import GPTModelBuilder
 
     from xlstm_megatron.layers.config import XLSTMConfig
+    from xlstm_megatron.models.builder import XLSTMModelConfig
     from xlstm_megatron.training.arguments import add_xlstm_args
 
     sys.argv = ["pretrain_gpt.py", *argv]
@@ -70,9 +70,8 @@ def _build(argv: list[str], tokenizer_vocab: int, meta: bool):
     args.padded_vocab_size = vocab_size_with_padding(tokenizer_vocab, args, logging_enabled=False)  # the tokenizer's
     # What the patched pretrain_gpt.py does:
     config = core_transformer_config_from_args(args, config_class=XLSTMConfig)
-    config.hetereogenous_dist_checkpoint = True
-    model_config = gpt_config_from_args(args, config=config)
-    builder = GPTModelBuilder(model_config)
+    model_config = gpt_config_from_args(args, config=config, model_config_cls=XLSTMModelConfig)
+    builder = model_config.get_builder_cls()(model_config)
     pg = ProcessGroupCollection.use_mpu_process_groups()
     if meta:
         with torch.device("meta"):

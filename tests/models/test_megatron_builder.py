@@ -14,7 +14,7 @@ ARGV = [
     "--max-position-embeddings", "16", "--micro-batch-size", "2", "--vocab-size", "100",
     "--spec", "xlstm_megatron.layers.specs", "xlstm_block_spec", "--position-embedding-type", "none",
     "--transformer-impl", "local", "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
-    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0", "--untie-embeddings-and-output-weights",
     "--xlstm-block", "v1", "--xlstm-pattern", "msm", "--slstm-num-heads", "2", "--mlstm-chunk-size", "8",
 ]
 
@@ -70,3 +70,33 @@ def _build_plain_config(argv: list[str]):
 def test_spec_with_plain_transformer_config_names_the_fix():
     with pytest.raises(RuntimeError, match="config_class=XLSTMConfig"):
         run_distributed(_build_plain_config, world_size=1, args=(ARGV,), timeout=120)
+
+
+def _build_with_xlstm_builder(argv: list[str]):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+
+    from xlstm_megatron.layers.config import XLSTMConfig
+    from xlstm_megatron.models.builder import XLSTMModelConfig
+    from xlstm_megatron.models.xlstm_model import XLSTMModel
+    from xlstm_megatron.training.arguments import add_xlstm_args
+
+    sys.argv = ["pretrain_xlstm.py", *argv]
+    args = parse_args(extra_args_provider=add_xlstm_args)
+    validate_args(args)
+    config = core_transformer_config_from_args(args, config_class=XLSTMConfig)
+    model_config = gpt_config_from_args(args, config=config, model_config_cls=XLSTMModelConfig)
+    model = model_config.get_builder_cls()(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    assert isinstance(model, XLSTMModel)
+    with torch.no_grad():
+        for p in model.output_layer.parameters():
+            p.mul_(1e3)  # huge logits: the soft cap must bound them
+        logits = model(torch.randint(0, 100, (2, 16)), None, None)
+    return float(logits.abs().max())
+
+
+def test_xlstm_model_config_builds_our_model_with_logit_soft_cap():
+    large = ARGV[: ARGV.index("--xlstm-block")] + ["--xlstm-block", "large", "--mlstm-chunk-size", "8"]
+    peak = run_distributed(_build_with_xlstm_builder, world_size=1, args=(large,), timeout=120)[0]
+    assert 20 < peak <= 30.0  # 30 tanh(z / 30)
