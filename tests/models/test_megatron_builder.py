@@ -14,7 +14,8 @@ ARGV = [
     "--max-position-embeddings", "16", "--micro-batch-size", "2", "--vocab-size", "100",
     "--spec", "xlstm_megatron.layers.specs", "xlstm_block_spec", "--position-embedding-type", "none",
     "--transformer-impl", "local", "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
-    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0", "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--untie-embeddings-and-output-weights",
     "--xlstm-block", "v1", "--xlstm-pattern", "msm", "--slstm-num-heads", "2", "--mlstm-chunk-size", "8",
 ]
 
