@@ -1,4 +1,4 @@
-"""`xlstm-megatron`: the console command (train, preprocess)."""
+"""`xlstm-megatron`: the console command (train, preprocess, generate, convert)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ USAGE = """usage: xlstm-megatron <command> [options]
 commands:
   train       train an xLSTM (YAML config + Megatron-style flags; torchrun, srun, or --nproc N here)
   preprocess  jsonl / text files -> Megatron indexed dataset (.bin/.idx)
+  generate    continue a prompt from a checkpoint with constant-memory recurrent decoding
 
 `xlstm-megatron <command> --help` lists the options of a command."""
 
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from xlstm_megatron.data.preprocess import preprocess_main
 
         return preprocess_main(rest)
+    if command == "generate":
+        from xlstm_megatron.inference.cli import generate_main
+
+        return generate_main(rest)
     return _fail(f"unknown command {command!r}; see `xlstm-megatron --help`")
 
 

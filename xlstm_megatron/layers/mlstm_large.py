@@ -26,6 +26,7 @@ from xlstm_megatron.layers.parallel_utils import (
     tp_group_of,
     tp_rank_and_size,
 )
+from xlstm_megatron.layers.recurrent_context import mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise
 from xlstm_megatron.ops.norms import head_norm
@@ -103,9 +104,13 @@ class MLSTMLargeMixer(MegatronModule):
             parts = [(qk, small), (qk, small), (v, small), (v, None), (NH, None), (NH, None)]
             fill_fused_rows(self.in_proj.weight, parts, tp_rank, tp_size)
 
-    def forward(self, hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias)."""
+    def forward(
+        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
+        `RecurrentInferenceContext`, the cell continues from this layer's stored state and stores the new one."""
         cfg: XLSTMConfig = self.config
+        context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, local width]
         q, k, v, o, i, f = torch.split(proj, self.split_sizes, dim=-1)
         S, B = proj.shape[:2]
@@ -116,10 +121,16 @@ class MLSTMLargeMixer(MegatronModule):
 
         i = soft_cap(i + self.igate_bias, cfg.gate_soft_cap).permute(1, 2, 0)
         f = soft_cap(f + self.fgate_bias, cfg.gate_soft_cap).permute(1, 2, 0)
-        out = mlstm_chunkwise(
-            heads(q, self.qk_head_dim), heads(k, self.qk_head_dim), heads(v, self.v_head_dim), i, f,
-            chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
-        )  # [B, h, S, DV]
+        q, k, v = heads(q, self.qk_head_dim), heads(k, self.qk_head_dim), heads(v, self.v_head_dim)
+        if context is None:
+            out = mlstm_chunkwise(
+                q, k, v, i, f, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps
+            )  # [B, h, S, DV]
+        else:
+            out, state = mlstm_with_state(
+                q, k, v, i, f, context.get(self.layer_number), chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps
+            )
+            context.set(self.layer_number, state)
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps)  # [S, B, h, DV]
         out = out.reshape(S, B, h * self.v_head_dim) * torch.sigmoid(o)
         return self.out_proj(out)

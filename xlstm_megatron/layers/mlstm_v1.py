@@ -33,6 +33,7 @@ from xlstm_megatron.layers.parallel_utils import (
     tp_group_of,
     tp_rank_and_size,
 )
+from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise
@@ -114,13 +115,25 @@ class MLSTMV1Mixer(MegatronModule):
         if config.perform_initialization:
             fill_fused_rows(self.in_proj.weight, [(inner, small), (inner, small)], tp_rank, tp_size)
 
-    def forward(self, hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
+        `RecurrentInferenceContext`, conv and cell continue from this layer's stored state and store the new one."""
         cfg: XLSTMConfig = self.config
+        context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, 2 * local_inner]
         x_m, z = proj.chunk(2, dim=-1)
         S, B = proj.shape[:2]
         h = self.local_heads
-        x_c = F.silu(causal_conv1d(x_m.transpose(0, 1), self.conv_weight, self.conv_bias).transpose(0, 1))
+        state = None if context is None else context.get(self.layer_number)
+        if context is None:
+            x_conv = causal_conv1d(x_m.transpose(0, 1), self.conv_weight, self.conv_bias)
+        else:
+            x_conv, conv_state = conv_with_state(
+                x_m.transpose(0, 1), self.conv_weight, self.conv_bias, None if state is None else state[0]
+            )
+        x_c = F.silu(x_conv.transpose(0, 1))
         q, k = blockdiag(x_c, self.q_weight), blockdiag(x_c, self.k_weight)
         v = blockdiag(x_m, self.v_weight)
 
@@ -130,10 +143,17 @@ class MLSTMV1Mixer(MegatronModule):
         def heads(t: torch.Tensor) -> torch.Tensor:  # [S, B, h*d] -> [B, h, S, d]
             return t.reshape(S, B, h, self.head_dim).permute(1, 2, 0, 3)
 
-        out = mlstm_chunkwise(
-            heads(q), heads(k), heads(v), i, f,
-            chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
-        )
+        if context is None:
+            out = mlstm_chunkwise(
+                heads(q), heads(k), heads(v), i, f,
+                chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
+            )
+        else:
+            out, cell_state = mlstm_with_state(
+                heads(q), heads(k), heads(v), i, f, None if state is None else state[1:],
+                chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps,
+            )
+            context.set(self.layer_number, (conv_state, *cell_state))
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0)
         out = out.reshape(S, B, self.local_inner) + self.learnable_skip * x_c
         return self.out_proj(out * F.silu(z))

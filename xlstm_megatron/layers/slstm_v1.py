@@ -31,6 +31,7 @@ from xlstm_megatron.layers.parallel_utils import (
     tp_group_of,
     tp_rank_and_size,
 )
+from xlstm_megatron.layers.recurrent_context import conv_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import normal_init_method, slstm_forget_gate_bias, small_init_std
 from xlstm_megatron.ops.norms import head_norm
@@ -76,23 +77,39 @@ class SLSTMMixer(MegatronModule):
         self.bias = local(bias)
         self.norm_weight = local(torch.zeros(E))
 
-    def forward(self, hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], None). With a
+        `RecurrentInferenceContext`, conv and recurrence continue from this layer's stored state and store the new
+        one."""
         cfg: XLSTMConfig = self.config
+        context = recurrent_context_of(inference_context)
         if cfg.sequence_parallel and self.tp_size > 1:
             x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
         start = self.tp_rank * self.local_width
         x = x[..., start : start + self.local_width].transpose(0, 1)  # [B, S, local width]
-        x_c = F.silu(causal_conv1d(x, self.conv_weight, self.conv_bias))
+        state = None if context is None else context.get(self.layer_number)
+        if context is None:
+            x_conv = causal_conv1d(x, self.conv_weight, self.conv_bias)
+        else:
+            x_conv, conv_state = conv_with_state(
+                x, self.conv_weight, self.conv_bias, None if state is None else state[0]
+            )
+        x_c = F.silu(x_conv)
         B, S = x.shape[:2]
         h, DH = self.local_heads, self.head_dim
         w = self.gate_weight.to(x.dtype)
         wx_if = torch.einsum("bshd,hgod->bshgo", x_c.reshape(B, S, h, DH), w[:, :2])
         wx_zo = torch.einsum("bshd,hgod->bshgo", x.reshape(B, S, h, DH), w[:, 2:])
-        y, _ = slstm(
-            torch.cat([wx_if, wx_zo], dim=3), self.recurrent_weight, self.bias, forget_gate=cfg.slstm_forget_gate
+        y, cell_state = slstm(
+            torch.cat([wx_if, wx_zo], dim=3), self.recurrent_weight, self.bias, forget_gate=cfg.slstm_forget_gate,
+            initial_state=None if state is None else state[1:],
         )  # [B, S, h, DH]
+        if context is not None:
+            context.set(self.layer_number, (conv_state, *cell_state))
         y = head_norm(y, self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0).reshape(B, S, -1)
         y = gather_from_tensor_model_parallel_region(y.transpose(0, 1).contiguous(), group=self.tp_group)
         if cfg.sequence_parallel and self.tp_size > 1:

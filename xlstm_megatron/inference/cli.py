@@ -1,0 +1,124 @@
+"""`xlstm-megatron generate`: continue a prompt with a model trained by `xlstm-megatron train`.
+
+    xlstm-megatron generate --load runs/v1_mixed_cpu --prompt "ROMEO:" --max-new-tokens 64 [--nproc 2]
+
+Loads the latest (or `--iteration`) checkpoint of the run directory, the tokenizer the run trained with (or
+`--tokenizer-model ...`), and prints each prompt's continuation (stdout of rank 0; a trailing stop token is not
+printed). Runs under torchrun/srun or starts `--nproc` local processes, like `train`; the tensor-parallel size
+defaults to the training run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from xlstm_megatron.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompts: list[str]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_at_eod: bool
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xlstm-megatron generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="run directory written by `xlstm-megatron train` (its --save)")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for a batch (default: '')")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--stop-at-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="end a continuation at the tokenizer's end-of-document token")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", default=None, help="default: the tokenizer the run trained with")
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    p.add_argument("--eod-token", default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: the training run's")
+    p.add_argument("--nproc", type=int, default=None, help="local processes to start (default: the TP size)")
+    return p
+
+
+def _tokenizer_spec(args: argparse.Namespace, run) -> TokenizerSpec:
+    """The tokenizer named by the flags, else the one the run trained with."""
+    if args.tokenizer_model or args.vocab_file:
+        return TokenizerSpec(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                             merge_file=args.merge_file, eod_token=args.eod_token)
+    if run.mock_data:
+        return TokenizerSpec("NullTokenizer", vocab_size=run.vocab_size)
+    if run.demo_data:
+        from xlstm_megatron.data.preprocess import prepare_demo_data  # idempotent: reuses the run's files
+
+        _, tokenizer_dir = prepare_demo_data(run.demo_data_dir, run.demo_vocab_size, max_plays=run.demo_max_plays)
+        return TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=tokenizer_dir)
+    return TokenizerSpec(run.tokenizer_type, tokenizer_model=run.tokenizer_model, vocab_file=run.vocab_file,
+                         merge_file=run.merge_file, vocab_size=run.vocab_size, eod_token=run.eod_token)
+
+
+def _worker(source, tokenizer_spec: TokenizerSpec, request: _Request) -> None:
+    from xlstm_megatron.inference.generate import generate
+    from xlstm_megatron.inference.loading import load_model
+    from xlstm_megatron.training.distributed import init_worker, shutdown_worker
+
+    env = init_worker(source.run)
+    model = load_model(source)
+    tokenizer = tokenizer_spec.load()
+    prompts = [tokenizer.encode(text) or [tokenizer.eod_id] for text in request.prompts]
+    stops = [tokenizer.eod_id] if request.stop_at_eod else []
+    out = generate(
+        model, prompts, request.max_new_tokens, temperature=request.temperature, top_k=request.top_k,
+        top_p=request.top_p, stop_tokens=stops, seed=request.seed, vocab_limit=tokenizer.vocab_size,
+    )
+    if env.rank == 0:
+        for new in out.tokens:
+            print(tokenizer.decode(new[:-1] if new and new[-1] in stops else new), flush=True)
+    shutdown_worker()
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    from xlstm_megatron.data.errors import DataConfigError
+    from xlstm_megatron.data.tokenizer import check_tokenizer_matches_model
+    from xlstm_megatron.inference.generate import check_generation_support
+    from xlstm_megatron.inference.loading import resolve_checkpoint
+    from xlstm_megatron.inference.sampling import check_sampling_args
+    from xlstm_megatron.training.distributed import check_world, launch_env, run_processes
+    from xlstm_megatron.training.run_config import ConfigError
+    from xlstm_megatron.training.trainer import build_model_config
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    request = _Request(args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       args.seed, args.stop_at_eod)
+    try:  # everything that can be checked before a process starts
+        check_sampling_args(request.temperature, request.top_k, request.top_p)
+        if request.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, got {request.max_new_tokens}")
+        source = resolve_checkpoint(args.load, args.iteration, args.tensor_model_parallel_size, args.seed)
+        check_generation_support(build_model_config(source.model_kwargs, source.run))
+        tokenizer_spec = _tokenizer_spec(args, source.run)
+        check_tokenizer_matches_model(tokenizer_spec.load(), source.vocab_size)
+        env = launch_env()
+        nproc = args.nproc or source.run.tensor_model_parallel_size
+        check_world(source.run, env.world_size if env.launched else nproc)
+    except (ConfigError, DataConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if env.launched:
+        _worker(source, tokenizer_spec, request)
+    else:
+        run_processes(_worker, nproc, args=(source, tokenizer_spec, request))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main())

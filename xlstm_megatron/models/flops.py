@@ -1,0 +1,60 @@
+"""Model FLOPs of an xLSTM stack: matrix-multiply FLOPs (2 per multiply-add) of the forward pass, cells included.
+
+Counts what the implementation multiplies: projections, the depthwise convs, the mLSTM chunkwise cell (it computes the
+full L x L block of each chunk, masked, so its intra-chunk term is 2 L (DQK + DV) per token and head), the sLSTM
+recurrence and the output layer. Norms, gates' element-wise math, the embedding lookup and the loss are left out
+(they are O(E) per token against O(E^2)). A training step costs 3x the forward (backward = 2x forward), the usual
+convention for MFU; activation recomputation is not counted.
+"""
+
+from __future__ import annotations
+
+from xlstm_megatron.layers.config import XLSTMConfig
+
+
+def mlstm_cell_flops_per_token(qk_head_dim: int, v_head_dim: int, heads: int, chunk: int) -> int:
+    """Chunkwise mLSTM cell, per token: intra-chunk scores and values, reading the chunk-start state (C and n) and
+    writing the chunk-end C (the n update is an element-wise sum)."""
+    per_head = 2 * chunk * (qk_head_dim + v_head_dim) + 4 * qk_head_dim * v_head_dim + 2 * qk_head_dim
+    return heads * per_head
+
+
+def _mlp(config: XLSTMConfig) -> int:
+    E, F = config.hidden_size, config.ffn_hidden_size
+    return 2 * E * F * (2 if config.gated_linear_unit else 1) + 2 * F * E
+
+
+def layer_flops_per_token(config: XLSTMConfig, symbol: str, seq_length: int) -> int:
+    E, NH = config.hidden_size, config.num_attention_heads
+    chunk = min(config.mlstm_chunk_size, seq_length)
+    if symbol == "m" and config.xlstm_block == "large":
+        qk, v = config.mlstm_qk_width, config.mlstm_v_width
+        proj = 2 * E * (2 * qk + 2 * v + 2 * NH) + 2 * v * E
+        return proj + mlstm_cell_flops_per_token(qk // NH, v // NH, NH, chunk) + _mlp(config)
+    if symbol == "m":
+        inner, bs, K = config.mlstm_inner_size, config.mlstm_qkv_block_size, config.conv_kernel_size
+        dh = inner // NH
+        proj = 2 * E * 2 * inner + 2 * inner * E  # up (x | z) and down
+        small = 2 * K * inner + 3 * 2 * inner * bs + 2 * 3 * inner * 2 * NH  # conv, block-diagonal q/k/v, gates
+        return proj + small + mlstm_cell_flops_per_token(dh, dh, NH, chunk)
+    if symbol == "s":
+        dh, K = E // config.slstm_heads, config.conv_kernel_size
+        # block-diagonal input and recurrent weights: 4 gates x (DH x DH) per head, each
+        return 2 * K * E + 2 * (4 * E * dh) + 2 * (4 * E * dh) + _mlp(config)
+    if symbol == "*":
+        kv = config.kv_channels * config.num_attention_heads
+        groups = config.num_query_groups or config.num_attention_heads
+        kv_heads = config.kv_channels * groups
+        qkv = 2 * E * (kv + 2 * kv_heads)
+        scores = 2 * 2 * seq_length * kv / 2  # causal: QK^T and AV over half the context on average
+        return int(qkv + scores + 2 * kv * E + _mlp(config))
+    raise ValueError(f"unknown layer symbol {symbol!r}")
+
+
+def forward_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: int) -> int:
+    layers = sum(layer_flops_per_token(config, s, seq_length) for s in config.layer_pattern)
+    return layers + 2 * config.hidden_size * vocab_size
+
+
+def train_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: int) -> int:
+    return 3 * forward_flops_per_token(config, vocab_size, seq_length)
