@@ -68,9 +68,27 @@ class Reporter:
             self.writer.close()
 
 
+# Dense peak TFLOP/s per device (bf16 tensor cores / fp32 without TF32), for the MFU column on GPUs.
+PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "B200": (2250.0, 80.0)}
+
+
+def peak_tflops_per_device(bf16: bool) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (half, single) in PEAK_TFLOPS.items():
+        if key in name:
+            return half if bf16 else single
+    return None
+
+
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
-        return f"{key}: {value:.6E}" if key in ("learning rate", "lm loss", "grad norm") else f"{key}: {value:.1f}"
+        if key in ("learning rate", "lm loss", "grad norm"):
+            return f"{key}: {value:.6E}"
+        return f"{key}: {value:.4g}" if key in ("MFU", "TFLOP/s/device") else f"{key}: {value:.1f}"
     return f"{key}: {value}"
 
 

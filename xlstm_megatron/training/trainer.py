@@ -15,6 +15,7 @@ import torch
 
 from xlstm_megatron.data.datasets import parse_split
 from xlstm_megatron.layers.config import XLSTMConfig, make_xlstm_config
+from xlstm_megatron.models.flops import train_flops_per_token
 from xlstm_megatron.models.xlstm_model import XLSTMModel
 from xlstm_megatron.training import checkpoint as ckpt
 from xlstm_megatron.training.batches import (
@@ -26,7 +27,7 @@ from xlstm_megatron.training.batches import (
     num_microbatches,
     padded_vocab_size,
 )
-from xlstm_megatron.training.reporting import Reporter, plot_loss_curve
+from xlstm_megatron.training.reporting import Reporter, peak_tflops_per_device, plot_loss_curve
 from xlstm_megatron.training.run_config import ConfigError, RunConfig
 
 
@@ -224,6 +225,8 @@ def train(model_kwargs: dict[str, Any], run: RunConfig, sources: DataSources) ->
     )
     gbs = global_batch_size(run, dp)
     tokens_per_iter = gbs * run.seq_length
+    flops_per_token = train_flops_per_token(state.config, vocab, run.seq_length)
+    peak = peak_tflops_per_device(run.bf16)
     if not sources.mock and run.eval_interval and parse_split(run.split)[1] == 0:
         raise ConfigError(f"split={run.split!r} has no validation share; give it one or set --eval-interval 0")
     last_val = None
@@ -239,6 +242,10 @@ def train(model_kwargs: dict[str, Any], run: RunConfig, sources: DataSources) ->
             elapsed = time.time() - t_last
             values["elapsed time per iteration (ms)"] = 1000 * elapsed / max(it - it_last, 1)
             values["tokens/s"] = tokens_per_iter * (it - it_last) / max(elapsed, 1e-9)
+            tflops = flops_per_token * values["tokens/s"] / 1e12 / torch.distributed.get_world_size()
+            values["TFLOP/s/device"] = tflops
+            if peak:
+                values["MFU"] = tflops / peak
             if torch.cuda.is_available():
                 values["mem (GiB)"] = torch.cuda.max_memory_allocated() / 2**30
             t_last, it_last = time.time(), it
