@@ -14,17 +14,14 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from xlstm_megatron.layers.config import XLSTMConfig
 from xlstm_megatron.layers.parallel_utils import (
+    HeadParallelMixer,
     fill_fused_rows,
-    head_local_parameter,
     local_count,
     mixer_sharded_state_dict,
-    tp_group_of,
-    tp_rank_and_size,
 )
 from xlstm_megatron.layers.recurrent_context import mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
@@ -42,7 +39,7 @@ class MLSTMLargeMixerSubmodules:
     out_proj: ModuleSpec | type | None = None
 
 
-class MLSTMLargeMixer(MegatronModule):
+class MLSTMLargeMixer(HeadParallelMixer):
     def __init__(
         self,
         config: XLSTMConfig,
@@ -52,16 +49,13 @@ class MLSTMLargeMixer(MegatronModule):
         name: str | None = None,
         **_: object,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.tp_group = tp_group_of(pg_collection)
-        tp_rank, tp_size = tp_rank_and_size(self.tp_group)
+        super().__init__(config, layer_number, pg_collection)
 
         E, NH = config.hidden_size, config.num_attention_heads
         self.num_heads = NH
         self.qk_head_dim = config.mlstm_qk_width // NH
         self.v_head_dim = config.mlstm_v_width // NH
-        self.local_heads = local_count(NH, tp_size, "num_attention_heads")
+        self.local_heads = local_count(NH, self.tp_size, "num_attention_heads")
         h = self.local_heads
         # Local row layout of in_proj; the checkpoint stores each part as its own tensor.
         self.split_sizes = [h * self.qk_head_dim, h * self.qk_head_dim, h * self.v_head_dim, h * self.v_head_dim, h, h]
@@ -93,16 +87,15 @@ class MLSTMLargeMixer(MegatronModule):
             tp_comm_buffer_name="mlstm_out",
             tp_group=self.tp_group,
         )
-        dtype = config.params_dtype
-        self.igate_bias = head_local_parameter(torch.full((NH,), LARGE_INPUT_GATE_BIAS), tp_rank, tp_size, dtype)
-        self.fgate_bias = head_local_parameter(mlstm_forget_gate_bias(NH), tp_rank, tp_size, dtype)
-        self.norm_weight = head_local_parameter(torch.ones(NH * self.v_head_dim), tp_rank, tp_size, dtype)
+        self.igate_bias = self.local_parameter(torch.full((NH,), LARGE_INPUT_GATE_BIAS))
+        self.fgate_bias = self.local_parameter(mlstm_forget_gate_bias(NH))
+        self.norm_weight = self.local_parameter(torch.ones(NH * self.v_head_dim))
         if config.perform_initialization:
             small = normal_init_method(small_init_std(E))
             qk, v = NH * self.qk_head_dim, NH * self.v_head_dim
             # Official (HF) init: q, k, v small-init; every gate projection starts at zero.
             parts = [(qk, small), (qk, small), (v, small), (v, None), (NH, None), (NH, None)]
-            fill_fused_rows(self.in_proj.weight, parts, tp_rank, tp_size)
+            fill_fused_rows(self.in_proj.weight, parts, self.tp_rank, self.tp_size)
 
     def forward(
         self, hidden_states: torch.Tensor, inference_context: object = None, **_: object

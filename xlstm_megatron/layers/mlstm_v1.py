@@ -21,17 +21,14 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from xlstm_megatron.layers.config import XLSTMConfig
 from xlstm_megatron.layers.parallel_utils import (
+    HeadParallelMixer,
     fill_fused_rows,
-    head_local_parameter,
     local_count,
     mixer_sharded_state_dict,
-    tp_group_of,
-    tp_rank_and_size,
 )
 from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
@@ -59,7 +56,7 @@ def blockdiag(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.flatten(-2)
 
 
-class MLSTMV1Mixer(MegatronModule):
+class MLSTMV1Mixer(HeadParallelMixer):
     def __init__(
         self,
         config: XLSTMConfig,
@@ -69,16 +66,13 @@ class MLSTMV1Mixer(MegatronModule):
         name: str | None = None,
         **_: object,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.tp_group = tp_group_of(pg_collection)
-        tp_rank, tp_size = tp_rank_and_size(self.tp_group)
+        super().__init__(config, layer_number, pg_collection)
 
         E, NH, inner, bs = config.hidden_size, config.num_attention_heads, config.mlstm_inner_size, \
             config.mlstm_qkv_block_size
         self.num_heads, self.inner = NH, inner
         self.head_dim = inner // NH
-        self.local_heads = local_count(NH, tp_size, "num_attention_heads")
+        self.local_heads = local_count(NH, self.tp_size, "num_attention_heads")
         self.local_inner = self.local_heads * self.head_dim
         self.split_sizes, self.split_names = [self.local_inner] * 2, ["x", "z"]  # local rows of in_proj
         self.in_proj = build_module(
@@ -92,9 +86,7 @@ class MLSTMV1Mixer(MegatronModule):
             tp_comm_buffer_name="mlstm_v1_out", tp_group=self.tp_group,
         )
 
-        def local(full: torch.Tensor) -> torch.nn.Parameter:
-            return head_local_parameter(full, tp_rank, tp_size, config.params_dtype)
-
+        local = self.local_parameter
         small = normal_init_method(small_init_std(E))
         K = config.conv_kernel_size
         conv_w, conv_b = torch.empty(inner, K), torch.empty(inner)
@@ -108,12 +100,12 @@ class MLSTMV1Mixer(MegatronModule):
             qkv.append(local(w))
         self.q_weight, self.k_weight, self.v_weight = qkv
         # Gate weight [source (q, k, v), channel, head, gate (i, f)]; this rank holds its own channels.
-        self.gate_weight = head_local_parameter(torch.zeros(3, inner, NH, 2), tp_rank, tp_size, config.params_dtype, 1)
+        self.gate_weight = local(torch.zeros(3, inner, NH, 2), dim=1)
         self.gate_bias = local(torch.stack([torch.randn(NH) * 0.1, mlstm_forget_gate_bias(NH)], dim=-1))  # [NH, 2]
         self.learnable_skip = local(torch.ones(inner))
         self.norm_weight = local(torch.zeros(inner))
         if config.perform_initialization:
-            fill_fused_rows(self.in_proj.weight, [(inner, small), (inner, small)], tp_rank, tp_size)
+            fill_fused_rows(self.in_proj.weight, [(inner, small), (inner, small)], self.tp_rank, self.tp_size)
 
     def forward(
         self, hidden_states: torch.Tensor, inference_context: object = None, **_: object

@@ -9,6 +9,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
@@ -43,6 +45,21 @@ def head_local_parameter(
     param = torch.nn.Parameter(local)
     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
     return param
+
+
+class HeadParallelMixer(MegatronModule):
+    """Base of the xLSTM mixers: their tensor-parallel group, and parameters holding this rank's heads."""
+
+    def __init__(
+        self, config: TransformerConfig, layer_number: int, pg_collection: ProcessGroupCollection | None
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.tp_group = tp_group_of(pg_collection)
+        self.tp_rank, self.tp_size = tp_rank_and_size(self.tp_group)
+
+    def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
+        return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
 
 
 def fill_fused_rows(

@@ -20,16 +20,13 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.module import MegatronModule
 
 from xlstm_megatron.layers.config import XLSTMConfig
 from xlstm_megatron.layers.mlstm_v1 import conv_init_
 from xlstm_megatron.layers.parallel_utils import (
-    head_local_parameter,
+    HeadParallelMixer,
     local_count,
     mixer_sharded_state_dict,
-    tp_group_of,
-    tp_rank_and_size,
 )
 from xlstm_megatron.layers.recurrent_context import conv_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
@@ -40,7 +37,7 @@ from xlstm_megatron.ops.slstm import slstm
 GATES = ("i", "f", "z", "o")
 
 
-class SLSTMMixer(MegatronModule):
+class SLSTMMixer(HeadParallelMixer):
     def __init__(
         self,
         config: XLSTMConfig,
@@ -50,19 +47,13 @@ class SLSTMMixer(MegatronModule):
         name: str | None = None,
         **_: object,
     ) -> None:
-        super().__init__(config)
-        self.layer_number = layer_number
-        self.tp_group = tp_group_of(pg_collection)
-        self.tp_rank, tp_size = tp_rank_and_size(self.tp_group)
-        self.tp_size = tp_size
+        super().__init__(config, layer_number, pg_collection)
         E, NH = config.hidden_size, config.slstm_heads
         self.head_dim = E // NH
-        self.local_heads = local_count(NH, tp_size, "slstm_num_heads")
+        self.local_heads = local_count(NH, self.tp_size, "slstm_num_heads")
         self.local_width = self.local_heads * self.head_dim
 
-        def local(full: torch.Tensor) -> torch.nn.Parameter:
-            return head_local_parameter(full, self.tp_rank, tp_size, config.params_dtype)
-
+        local = self.local_parameter
         K, DH = config.conv_kernel_size, self.head_dim
         conv_w, conv_b = torch.empty(E, K), torch.empty(E)
         conv_init_(conv_w, K)
