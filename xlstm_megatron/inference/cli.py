@@ -1,6 +1,6 @@
 """`xlstm-megatron generate`: continue a prompt with a model trained by `xlstm-megatron train`.
 
-    xlstm-megatron generate --load runs/v1_mixed_cpu --prompt "ROMEO:" --max-new-tokens 64 [--nproc 2]
+    xlstm-megatron generate --load runs/demo --prompt "ROMEO." --max-new-tokens 64 [--nproc 2]
 
 Loads the latest (or `--iteration`) checkpoint of the run directory, the tokenizer the run trained with (or
 `--tokenizer-model ...`), and prints each prompt's continuation (stdout of rank 0; a trailing stop token is not
