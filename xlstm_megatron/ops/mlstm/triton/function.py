@@ -1,0 +1,227 @@
+"""Triton chunkwise mLSTM: autograd Function and the public `mlstm_chunkwise_triton` (contract of `mlstm_chunkwise`).
+
+Forward: the torch side builds the per-chunk gate vectors (O(S) elementwise work); kernel 1 scans the chunk states
+(C, n, M) sequentially over chunks in fp32, parallel over heads and (DQK, DV) tiles; kernel 2 computes h for all
+chunks in parallel. Saved for backward: the inputs, the states before every chunk, q.n and m per row (and h for the
+exact semantics). Backward: a reverse scan for the state gradients, then dq, dk, dv in parallel over chunks, each
+recomputing its L x L blocks; the gate gradients follow from q.dq and k.dk row sums (see chunkwise_backward.py).
+"""
+
+import contextlib
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from xlstm_megatron.ops.mlstm.chunkwise_forward import chunk_gates
+from xlstm_megatron.ops.mlstm.common import MLSTMState, check_shapes, normaliser_floor
+from xlstm_megatron.ops.mlstm.triton.launch import MIN_TILE, dtype_meta, launch, use_autotune
+
+F32 = torch.float32
+
+
+def _gate_vectors(i: Tensor, f: Tensor, L: int, NC: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """i, f (B, NH, S) -> padded input gates, log sigmoid(f), and b, u, ucm (see kernels_forward.py), all
+    (BH, NC, L) fp32; padding tokens (i = -inf, log f = 0) change no state and no real row."""
+    S = i.shape[-1]
+    ic, lf = i.to(F32).reshape(-1, S), F.logsigmoid(f.to(F32)).reshape(-1, S)
+    pad = NC * L - S
+    if pad:
+        ic, lf = F.pad(ic, (0, pad), value=float("-inf")), F.pad(lf, (0, pad), value=0.0)
+    ic, lf = ic.view(-1, NC, L), lf.view(-1, NC, L)
+    b = lf.cumsum(-1)
+    u = ic - b
+    return ic, lf, b, u, u.cummax(-1).values
+
+
+class _Geometry:
+    """Sizes of one call: BH heads, S tokens, NC chunks of L, head dims DQK, DV."""
+
+    def __init__(self, q: Tensor, v: Tensor, chunk_size: int):
+        B, NH, self.S, self.DQK = q.shape
+        self.shape_bnh, self.BH, self.DV = (B, NH), B * NH, v.shape[-1]
+        self.L = min(chunk_size, self.S)
+        self.NC = -(-self.S // self.L)
+        self.Sp = self.NC * self.L
+
+    def chunk_grid(self, tile: str, dim: int):
+        """Grid of the per-chunk kernels: (chunks x row blocks, tiles of `dim`, heads)."""
+        return lambda meta: (self.NC * triton.cdiv(self.L, meta["BL"]), triton.cdiv(dim, meta[tile]), self.BH)
+
+    def scan_grid(self):
+        return lambda meta: (triton.cdiv(self.DQK, meta["BK"]), triton.cdiv(self.DV, meta["BV"]), self.BH)
+
+
+def _flat(t: Tensor, BH: int) -> Tensor:
+    """(B, NH, S, D) -> contiguous (BH, S, D)."""
+    return t.reshape(BH, *t.shape[2:]).contiguous()
+
+
+class _MLSTMChunkwiseTriton(torch.autograd.Function):
+    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), chunk_size, eps, exact; outputs h, C, n, m."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, exact: bool):
+        g = _Geometry(q, v, chunk_size)
+        BH, S, DQK, DV, L, NC = g.BH, g.S, g.DQK, g.DV, g.L, g.NC
+        _, _, b, u, ucm = _gate_vectors(i, f, L, NC)
+        q_, k_, v_ = _flat(q, BH), _flat(k, BH), _flat(v, BH)
+        dev = q.device
+        if C0 is None:
+            C0_, n0_, m0_ = (torch.zeros(s, device=dev, dtype=F32) for s in ((BH, DQK, DV), (BH, DQK), (BH,)))
+        else:
+            C0_, n0_, m0_ = (t.to(F32).reshape(BH, *t.shape[2:]).contiguous() for t in (C0, n0, m0))
+
+        Cs = torch.empty(BH, NC, DQK, DV, device=dev, dtype=F32)
+        ns = torch.empty(BH, NC, DQK, device=dev, dtype=F32)
+        Ms = torch.empty(BH, NC + 1, device=dev, dtype=F32)
+        Cf, nf = torch.empty_like(C0_), torch.empty_like(n0_)
+        meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q.dtype)}
+        tune = use_autotune(q)
+        launch("fwd_states", g.scan_grid(), (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, S, NC), meta, tune)
+
+        h = torch.empty(BH, S, DV, device=dev, dtype=q.dtype)
+        den = torch.empty(BH, g.Sp, device=dev, dtype=F32)
+        m_rows = torch.empty_like(den)
+        args = (q_, k_, v_, u, ucm, b, Cs, ns, Ms, h, den, m_rows, S, NC, DQK**-0.5, eps)
+        launch("fwd_out", g.chunk_grid("BV", DV), args, meta, tune)
+
+        h = h.view(*g.shape_bnh, S, DV)
+        ctx.save_for_backward(q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h if exact else None)
+        ctx.meta = (chunk_size, eps, exact, C0 is not None, tuple(t.dtype for t in (q, k, v, i, f)))
+        ctx.state_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
+        ctx.set_materialize_grads(False)
+        m_S = Ms[:, NC].clone().view(g.shape_bnh)
+        if not exact:
+            ctx.mark_non_differentiable(m_S)
+        return h, Cf.view(*g.shape_bnh, DQK, DV), nf.view(*g.shape_bnh, DQK), m_S
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh, dC_S, dn_S, dm_S):
+        q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h = ctx.saved_tensors
+        chunk_size, eps, exact, has_state, dtypes = ctx.meta
+        BH, S, DQK = q_.shape
+        DV = v_.shape[-1]
+        g = _Geometry(q_.view(1, BH, S, DQK), v_.view(1, BH, S, DV), chunk_size)
+        L, NC, dev = g.L, g.NC, q_.device
+        ic, lf, b, u, ucm = _gate_vectors(i, f, L, NC)
+
+        floor = normaliser_floor(m_rows)
+        norm = torch.maximum(den.abs(), floor) + eps
+        dh_ = torch.zeros_like(v_) if dh is None else dh.reshape(BH, S, DV).contiguous()
+        dden = hdh = None
+        if exact:  # h = num / (max(|den|, floor) + eps): the normaliser's own gradient, per row
+            hdh = F.pad((dh_.to(F32) * h.reshape(BH, S, DV).to(F32)).sum(-1), (0, g.Sp - S)) / norm
+            dden = torch.where(den.abs() > floor, -hdh * den.sign(), torch.zeros_like(hdh))
+
+        has_dcf, has_dnf = dC_S is not None, dn_S is not None
+        has_n = has_dnf or exact
+        dCf = dC_S.to(F32).reshape(BH, DQK, DV).contiguous() if has_dcf else norm
+        dnf = dn_S.to(F32).reshape(BH, DQK).contiguous() if has_dnf else norm
+        dCs = torch.empty_like(Cs)
+        dns = torch.empty_like(ns) if has_n else norm
+        dC0 = torch.empty(BH, DQK, DV, device=dev, dtype=F32)
+        dn0 = torch.empty(BH, DQK, device=dev, dtype=F32) if has_n else norm
+        dden_arg = norm if dden is None else dden
+        meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q_.dtype)}
+        tune, scale = use_autotune(q_), DQK**-0.5
+        flags = {"HAS_DCF": has_dcf, "HAS_DNF": has_dnf, "HAS_DDEN": exact}
+        args = (q_, dh_, ucm, norm, dden_arg, Ms, dCf, dnf, dCs, dns, dC0, dn0, S, NC, scale)
+        launch("bwd_states", g.scan_grid(), args, {**meta, **flags}, tune)
+
+        dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
+        max_tiles = triton.cdiv(DQK, MIN_TILE)
+        qdq = torch.empty(max_tiles, BH, g.Sp, device=dev, dtype=F32)
+        kdk = torch.empty_like(qdq)
+        args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, Cs, ns, Ms, dq, qdq, S, NC, scale)
+        tiles_q = launch("bwd_dq", g.chunk_grid("BK", DQK), args, {**meta, "HAS_DDEN": exact}, tune)
+        args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, dCs, dns, Ms, dk, kdk, S, NC, scale)
+        tiles_k = launch("bwd_dk", g.chunk_grid("BK", DQK), args, {**meta, "HAS_N": has_n, "HAS_DDEN": exact}, tune)
+        args = (q_, k_, dh_, u, ucm, norm, dCs, Ms, dv, S, NC, scale)
+        launch("bwd_dv", g.chunk_grid("BV", DV), args, meta, tune)
+
+        # only the slices of the DQK tiles that ran were written (the buffers are not zeroed)
+        q_dq = qdq[: triton.cdiv(DQK, tiles_q["BK"])].sum(0)[:, :S]
+        di = kdk[: triton.cdiv(DQK, tiles_k["BK"])].sum(0)[:, :S]
+        dlog_f = (q_dq - di).flip(-1).cumsum(-1).flip(-1)
+        if has_dcf:
+            dlog_f = dlog_f + (dCf * Cf).sum((-2, -1))[:, None]
+        if has_dnf:
+            dlog_f = dlog_f + (dnf * nf).sum(-1)[:, None]
+
+        dm0 = None
+        if exact:  # the stabilisers enter h only through eps (see chunkwise.py): autograd through the gate graph
+            with torch.enable_grad():
+                ic, lf, m0_g = (t.detach().requires_grad_() for t in (ic, lf, m0_))
+                gates = chunk_gates(ic, lf, m0_g)
+                m_rows_graph, m_final_graph = gates.m, gates.M[:, -1]
+            dM_S = torch.zeros_like(m0_) if dm_S is None else dm_S.to(F32).reshape(BH)
+            if has_dcf:
+                dM_S = dM_S - (dCf * Cf).sum((-2, -1))
+            if has_dnf:
+                dM_S = dM_S - (dnf * nf).sum(-1)
+            dm_rows = (-hdh * eps).view(BH, NC, L)
+            di_m, dlf_m, dm0_m = torch.autograd.grad((m_rows_graph, m_final_graph), (ic, lf, m0_g), (dm_rows, dM_S))
+            di = di + di_m.reshape(BH, -1)[:, :S]
+            dlog_f = dlog_f + dlf_m.reshape(BH, -1)[:, :S]
+            if has_state:
+                dm0 = dm0_m + (dC0 * Cs[:, 0]).sum((-2, -1)) + (dn0 * ns[:, 0]).sum(-1)
+
+        shape_bnh = i.shape[:2]
+        dq_t, dk_t, dv_t = (t.view(*shape_bnh, *t.shape[1:]) for t in (dq, dk, dv))
+        di_t = di.view(i.shape).to(dtypes[3])
+        df_t = (dlog_f.view(f.shape) * torch.sigmoid(-f.to(F32))).to(dtypes[4])
+        grads_state = (None, None, None)
+        if has_state:
+            C_dt, n_dt, m_dt = ctx.state_dtypes
+            grads_state = (
+                dC0.view(*shape_bnh, DQK, DV).to(C_dt),
+                dn0.view(*shape_bnh, DQK).to(n_dt) if has_n else None,
+                None if dm0 is None else dm0.view(shape_bnh).to(m_dt),
+            )
+        return dq_t, dk_t, dv_t, di_t, df_t, *grads_state, None, None, None
+
+
+def mlstm_chunkwise_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    i: Tensor,
+    f: Tensor,
+    *,
+    chunk_size: int = 64,
+    initial_state: MLSTMState | None = None,
+    return_final_state: bool = False,
+    backward: Literal["exact", "constant"] = "constant",
+    eps: float = 1e-6,
+) -> Tensor | tuple[Tensor, MLSTMState]:
+    """Triton chunkwise mLSTM with the contract of `xlstm_megatron.ops.mlstm.mlstm_chunkwise`.
+
+    q, k (B, NH, S, DQK) and v (B, NH, S, DV) of one dtype (fp32, fp16 or bf16); i, f (B, NH, S) gate
+    pre-activations (any float dtype); `initial_state` (C, n, m) as in `MLSTMState`. Any S >= 1, chunk size and head
+    sizes (tiles are masked). Returns h (B, NH, S, DV) in q's dtype and, with `return_final_state`, the fp32 state
+    after the last token. Accumulation and states are fp32; for fp32 inputs the dots are full fp32 (no TF32).
+    `backward`: "constant" (normaliser and stabilisers held fixed, as TFLA / xLSTM 7B training) or "exact".
+    """
+    check_shapes(q, k, v, i, f)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    dtype_meta(q.dtype)  # raises for unsupported dtypes
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if q.shape[2] < 1:
+        raise ValueError("mlstm_chunkwise_triton needs a sequence of at least one token")
+    if backward not in ("exact", "constant"):
+        raise ValueError(f"backward must be 'exact' or 'constant', got {backward!r}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    C0, n0, m0 = (None, None, None) if initial_state is None else initial_state
+    # Triton launches on the current CUDA device (autograd's backward threads already run on the tensors' device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        h, C, n, m = _MLSTMChunkwiseTriton.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, backward == "exact")
+    return (h, (C, n, m)) if return_final_state else h

@@ -1,0 +1,180 @@
+"""Triton forward kernels of the chunkwise mLSTM (TFLA-like: a sequential state scan, then parallel chunk outputs).
+
+Layout: q, k (BH, S, DQK), v, h (BH, S, DV) contiguous; gate vectors u, ucm, b (BH, Sp) fp32 with Sp = NC * L
+(the tail chunk padded with no-op tokens: u = -inf, b constant). Per chunk c (positions c*L + r, r < L):
+b_r = cumulative log sigmoid(f) inside the chunk, u_r = i_r - b_r, ucm_r = max_{j<=r} u_j. With M_c the state
+stabiliser before chunk c (M_0 = m0): x_r = max(M_c, ucm_r), row stabiliser m_r = b_r + x_r; every exponent below is
+u_j - x_r, M_c - x_r or u_j - x_{L-1}, all <= 0 (the same stabilisers as the torch chunkwise, see chunkwise_forward.py).
+"""
+
+import triton
+import triton.language as tl
+
+LOG_FLOAT32_MAX = tl.constexpr(88.72283905206835)  # exp(-m) is clamped here, as `normaliser_floor` does
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: full fp32 ("ieee", no TF32) for fp32 inputs, else operands cast to DT."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def mlstm_fwd_states_kernel(
+    k_ptr,
+    v_ptr,
+    u_ptr,
+    ucm_ptr,
+    b_ptr,
+    C0_ptr,  # (BH, DQK, DV) fp32
+    n0_ptr,  # (BH, DQK)
+    m0_ptr,  # (BH,)
+    Cs_ptr,  # (BH, NC, DQK, DV) out: state before each chunk
+    ns_ptr,  # (BH, NC, DQK)
+    Ms_ptr,  # (BH, NC + 1): M_c before chunk c, M_NC after the last one
+    Cf_ptr,  # (BH, DQK, DV) out: final state
+    nf_ptr,  # (BH, DQK)
+    S,
+    NC,
+    L: tl.constexpr,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BL: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Grid (cdiv(DQK, BK), cdiv(DV, BV), BH): one (BK, BV) tile of C, scanned over the chunks in fp32."""
+    pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ok = pid_k * BK + tl.arange(0, BK)
+    ov = pid_v * BV + tl.arange(0, BV)
+    mk, mv = ok < DQK, ov < DV
+    mkv = mk[:, None] & mv[None, :]
+    c_off = ok[:, None] * DV + ov[None, :]
+    first_v = pid_v == 0  # n and M are written by one program per head only
+    first = first_v & (pid_k == 0)
+
+    C = tl.load(C0_ptr + bh * DQK * DV + c_off, mask=mkv, other=0.0)
+    n = tl.load(n0_ptr + bh * DQK + ok, mask=mk, other=0.0)
+    M = tl.load(m0_ptr + bh)
+    k_base = k_ptr + bh * S * DQK
+    v_base = v_ptr + bh * S * DV
+    g_base = bh * NC * L
+    for c in range(NC):
+        tl.store(Cs_ptr + (bh * NC + c) * DQK * DV + c_off, C, mask=mkv)
+        tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n, mask=mk & first_v)
+        tl.store(Ms_ptr + bh * (NC + 1) + c, M, mask=first)
+        c0 = c * L
+        x_last = tl.maximum(M, tl.load(ucm_ptr + g_base + c0 + L - 1))
+        b_last = tl.load(b_ptr + g_base + c0 + L - 1)
+        carry = tl.exp(M - x_last)
+        C = C * carry
+        n = n * carry
+        for l0 in range(0, L, BL):
+            r = l0 + tl.arange(0, BL)
+            mr = r < L
+            pos = c0 + r
+            ms = mr & (pos < S)
+            w = tl.exp(tl.load(u_ptr + g_base + pos, mask=mr, other=float("-inf")) - x_last)
+            kt = tl.load(k_base + pos[None, :] * DQK + ok[:, None], mask=mk[:, None] & ms[None, :], other=0.0)
+            vt = tl.load(v_base + pos[:, None] * DV + ov[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+            kw = kt.to(tl.float32) * w[None, :]
+            C += _dot(kw, vt, DT, IEEE)
+            n += tl.sum(kw, axis=1)
+        M = b_last + x_last
+    tl.store(Cf_ptr + bh * DQK * DV + c_off, C, mask=mkv)
+    tl.store(nf_ptr + bh * DQK + ok, n, mask=mk & first_v)
+    tl.store(Ms_ptr + bh * (NC + 1) + NC, M, mask=first)
+
+
+@triton.jit
+def mlstm_fwd_out_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    u_ptr,
+    ucm_ptr,
+    b_ptr,
+    Cs_ptr,
+    ns_ptr,
+    Ms_ptr,
+    h_ptr,  # (BH, S, DV) out, input dtype
+    den_ptr,  # (BH, Sp) out: q.n per row (before abs / max)
+    m_ptr,  # (BH, Sp) out: row stabiliser
+    S,
+    NC,
+    scale,
+    eps,
+    L: tl.constexpr,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BL: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Grid (NC * cdiv(L, BL), cdiv(DV, BV), BH): BL rows of one chunk, one DV tile of h; the q k^T block is
+    recomputed per DV tile (reduced over all of DQK in BK steps)."""
+    NB = (L + BL - 1) // BL  # row blocks per chunk (constexpr)
+    pid_cb, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    c, ib = pid_cb // NB, pid_cb % NB
+    r = ib * BL + tl.arange(0, BL)
+    mr = r < L
+    pos = c * L + r
+    ms = mr & (pos < S)
+    ov = pid_v * BV + tl.arange(0, BV)
+    mv = ov < DV
+    g_base = bh * NC * L
+    q_base, k_base, v_base = q_ptr + bh * S * DQK, k_ptr + bh * S * DQK, v_ptr + bh * S * DV
+    st = bh * NC + c
+
+    M = tl.load(Ms_ptr + bh * (NC + 1) + c)
+    x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
+    read = scale * tl.exp(M - x)
+
+    # inter-chunk: the state before the chunk
+    acc = tl.zeros((BL, BV), dtype=tl.float32)
+    den = tl.zeros((BL,), dtype=tl.float32)
+    for k0 in range(0, DQK, BK):
+        ok = k0 + tl.arange(0, BK)
+        mk = ok < DQK
+        qt = tl.load(q_base + pos[:, None] * DQK + ok[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
+        Ct = tl.load(Cs_ptr + st * DQK * DV + ok[:, None] * DV + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        nt = tl.load(ns_ptr + st * DQK + ok, mask=mk, other=0.0)
+        acc += _dot(qt, Ct, DT, IEEE)
+        den += tl.sum(qt.to(tl.float32) * nt[None, :], axis=1)
+    acc = acc * read[:, None]
+    den = den * read
+
+    # intra-chunk: causal blocks up to the diagonal
+    for jb in range(0, ib + 1):
+        j = jb * BL + tl.arange(0, BL)
+        mj = j < L
+        posj = c * L + j
+        msj = mj & (posj < S)
+        uj = tl.load(u_ptr + g_base + posj, mask=mj, other=float("-inf"))
+        s = tl.zeros((BL, BL), dtype=tl.float32)
+        for k0 in range(0, DQK, BK):
+            ok = k0 + tl.arange(0, BK)
+            mk = ok < DQK
+            qt = tl.load(q_base + pos[:, None] * DQK + ok[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
+            kt = tl.load(k_base + posj[None, :] * DQK + ok[:, None], mask=mk[:, None] & msj[None, :], other=0.0)
+            s += _dot(qt, kt, DT, IEEE)
+        log_d = tl.where(j[None, :] <= r[:, None], uj[None, :] - x[:, None], float("-inf"))
+        s = s * (scale * tl.exp(log_d))
+        den += tl.sum(s, axis=1)
+        vt = tl.load(v_base + posj[:, None] * DV + ov[None, :], mask=msj[:, None] & mv[None, :], other=0.0)
+        acc += _dot(s, vt, DT, IEEE)
+
+    m = tl.load(b_ptr + g_base + pos, mask=mr, other=0.0) + x
+    floor = tl.exp(tl.minimum(-m, LOG_FLOAT32_MAX))
+    h = acc / (tl.maximum(tl.abs(den), floor) + eps)[:, None]
+    h_off = pos[:, None] * DV + ov[None, :]
+    tl.store(h_ptr + bh * S * DV + h_off, h.to(h_ptr.dtype.element_ty), mask=ms[:, None] & mv[None, :])
+    tl.store(den_ptr + g_base + pos, den, mask=mr & (pid_v == 0))
+    tl.store(m_ptr + g_base + pos, m, mask=mr & (pid_v == 0))
