@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -99,6 +100,8 @@ class XLSTMConfig(TransformerConfig):
     Overrides Megatron's activation flags, which cannot express an exact-GELU GLU."""
 
     mlstm_chunk_size: int = 64
+    mlstm_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Chunkwise mLSTM implementation: 'auto' = the Triton kernels on CUDA, torch elsewhere."""
     mlstm_backward: Literal["exact", "constant"] | None = None
     """'constant': normaliser and stabiliser are constants in backward (as xLSTM-7B was trained); 'exact': autograd
     through them (as the v1 code). Family default."""
@@ -199,6 +202,10 @@ class XLSTMConfig(TransformerConfig):
                 )
         if self.mlstm_backward not in ("exact", "constant"):
             raise ValueError(f"mlstm_backward={self.mlstm_backward!r} is unknown; use 'exact' or 'constant'")
+        if self.mlstm_kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"mlstm_kernel={self.mlstm_kernel!r} is unknown; use 'auto', 'torch' or 'triton'")
+        if self.mlstm_kernel == "triton" and not torch.cuda.is_available():
+            raise ValueError("mlstm_kernel='triton' needs a CUDA GPU; use 'auto' (Triton on GPU, torch on CPU)")
         if self.slstm_forget_gate not in ("sigmoid", "exp"):
             raise ValueError(f"slstm_forget_gate={self.slstm_forget_gate!r} is unknown; use 'sigmoid' or 'exp'")
         if self.mlstm_chunk_size < 1:

@@ -25,7 +25,7 @@ from xlstm_megatron.layers.parallel_utils import (
 )
 from xlstm_megatron.layers.recurrent_context import mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.mlstm import mlstm_chunkwise
+from xlstm_megatron.ops.mlstm.dispatch import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 from xlstm_megatron.ops.softcap import soft_cap
 
@@ -116,8 +116,9 @@ class MLSTMLargeMixer(HeadParallelMixer):
         f = soft_cap(f + self.fgate_bias, cfg.gate_soft_cap).permute(1, 2, 0)
         q, k, v = heads(q, self.qk_head_dim), heads(k, self.qk_head_dim), heads(v, self.v_head_dim)
         if context is None:
-            out = mlstm_chunkwise(
-                q, k, v, i, f, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps
+            out = mlstm_chunkwise_kernel(
+                q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
+                eps=cfg.mlstm_eps,
             )  # [B, h, S, DV]
         else:
             out, state = mlstm_with_state(

@@ -33,7 +33,7 @@ from xlstm_megatron.layers.parallel_utils import (
 from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.mlstm import mlstm_chunkwise
+from xlstm_megatron.ops.mlstm.dispatch import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 
 
@@ -136,8 +136,8 @@ class MLSTMV1Mixer(HeadParallelMixer):
             return t.reshape(S, B, h, self.head_dim).permute(1, 2, 0, 3)
 
         if context is None:
-            out = mlstm_chunkwise(
-                heads(q), heads(k), heads(v), i, f,
+            out = mlstm_chunkwise_kernel(
+                heads(q), heads(k), heads(v), i, f, kernel=cfg.mlstm_kernel,
                 chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
             )
         else:
