@@ -14,6 +14,7 @@ commands:
   train       train an xLSTM (YAML config + Megatron-style flags; torchrun, srun, or --nproc N here)
   preprocess  jsonl / text files -> Megatron indexed dataset (.bin/.idx)
   generate    continue a prompt from a checkpoint with constant-memory recurrent decoding
+  convert     Hugging Face xLSTM <-> Megatron dist checkpoint; official `xlstm` v1 -> Megatron
 
 `xlstm-megatron <command> --help` lists the options of a command."""
 
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from xlstm_megatron.data.preprocess import preprocess_main
 
         return preprocess_main(rest)
+    if command == "convert":
+        from xlstm_megatron.convert.cli import convert_main
+
+        return convert_main(rest)
     if command == "generate":
         from xlstm_megatron.inference.cli import generate_main
 

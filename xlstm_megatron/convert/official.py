@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from xlstm_megatron.convert.large_map import Segment, large_tensor_map, sizes_from_shapes
+
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
@@ -19,32 +21,24 @@ def _pop(sd: StateDict, key: str) -> Tensor:
 
 
 def large_to_megatron(official: StateDict, num_blocks: int) -> StateDict:
-    """`xlstm.xlstm_large` (single weight mode; `embedding.weight` or HF's `backbone.embeddings.weight`) -> ours."""
-    sd = dict(official)
-    out: StateDict = {}
-    emb_key = "embedding.weight" if "embedding.weight" in sd else "backbone.embeddings.weight"
-    out["embedding.word_embeddings.weight"] = _pop(sd, emb_key)
-    for i in range(num_blocks):
-        src, dst = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
-        m = src + "mlstm_layer."
-        out[dst + "input_layernorm.weight"] = _pop(sd, src + "norm_mlstm.weight")
-        out[dst + "self_attention.in_proj.weight"] = torch.cat(
-            [_pop(sd, m + n + ".weight") for n in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")]
-        )
-        out[dst + "self_attention.igate_bias"] = _pop(sd, m + "igate_preact.bias")
-        out[dst + "self_attention.fgate_bias"] = _pop(sd, m + "fgate_preact.bias")
-        out[dst + "self_attention.norm_weight"] = _pop(sd, m + "multihead_norm.weight")
-        out[dst + "self_attention.out_proj.weight"] = _pop(sd, m + "out_proj.weight")
-        out[dst + "pre_mlp_layernorm.weight"] = _pop(sd, src + "norm_ffn.weight")
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [_pop(sd, src + "ffn.proj_up_gate.weight"), _pop(sd, src + "ffn.proj_up.weight")]
-        )
-        out[dst + "mlp.linear_fc2.weight"] = _pop(sd, src + "ffn.proj_down.weight")
-    out["decoder.final_layernorm.weight"] = _pop(sd, "backbone.out_norm.weight")
-    out["output_layer.weight"] = _pop(sd, "lm_head.weight")
-    if sd:
-        raise KeyError(f"official checkpoint has tensors this mapping does not know: {sorted(sd)[:5]}")
-    return out
+    """`xlstm.xlstm_large` or HF `xLSTMForCausalLM` state dict (single or fused weight mode) -> ours, through the
+    shared map of `large_map` (sizes are read from the tensor shapes)."""
+    shapes = {k: tuple(t.shape) for k, t in official.items()}
+    sizes, mode, embedding_key = sizes_from_shapes(shapes, num_blocks)
+    tmap = large_tensor_map(sizes, mode, embedding_key)
+    missing = [k for k in tmap.theirs if k not in official]
+    if missing:
+        raise KeyError(f"official checkpoint has no tensor {missing[0]!r}; is it the right architecture?")
+    unknown = sorted(set(official) - set(tmap.theirs))
+    if unknown:
+        raise KeyError(f"official checkpoint has tensors this mapping does not know: {unknown[:5]}")
+    bad = [k for k, shape in tmap.theirs.items() if shapes[k] != shape]
+    if bad:
+        raise ValueError(f"official tensor {bad[0]!r} has shape {shapes[bad[0]]}, expected {tmap.theirs[bad[0]]}")
+    def rows(s: Segment) -> Tensor:
+        return official[s.theirs][s.theirs_start : s.theirs_start + s.rows]
+
+    return {name: torch.cat([rows(s) for s in tmap.segments_of_ours(name)]) for name in tmap.ours}
 
 
 def _slstm_recurrent_and_bias(sd: StateDict, cell: str, num_heads: int, backend: str) -> tuple[Tensor, Tensor]:

@@ -133,14 +133,18 @@ def save_checkpoint(
     return _save(root, iteration, state, metadata)
 
 
+def model_sharded_state(model: list[torch.nn.Module]) -> dict[str, Any]:
+    """The model part of our checkpoints' sharded state (what `save_weights_checkpoint` takes)."""
+    return _model_state(model, _metadata(use_distributed_optimizer=False))
+
+
 def save_weights_checkpoint(
-    root: str | Path, model: list[torch.nn.Module], arch: dict[str, Any], extra: dict[str, Any]
+    root: str | Path, model_state: dict[str, Any], arch: dict[str, Any], extra: dict[str, Any]
 ) -> Path:
-    """A weights-only checkpoint at iteration 0 (converted weights): `train --load` starts a fresh optimizer."""
-    metadata = _metadata(use_distributed_optimizer=False)
-    state: dict[str, Any] = _model_state(model, metadata)
-    state.update(iteration=0, arch=arch, extra=extra, weights_only=True)
-    return _save(root, 0, state, metadata)
+    """A weights-only checkpoint at iteration 0 (converted weights): `train --load` starts a fresh optimizer.
+    `model_state` is `model_sharded_state(model)`, whose tensors a converter may have replaced by its own."""
+    state = {**model_state, "iteration": 0, "arch": arch, "extra": extra, "weights_only": True}
+    return _save(root, 0, state, _metadata(use_distributed_optimizer=False))
 
 
 def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def load_model_weights(path: Path, model: list[torch.nn.Module]) -> None:
     """Load only the model chunks of any of our checkpoints (full or weights-only), resharded to this layout."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(_model_state(model, _metadata(use_distributed_optimizer=False)), str(path))
+    loaded = dist_checkpointing.load(model_sharded_state(model), str(path))
     for i, chunk in enumerate(model):
         chunk.load_state_dict(loaded[_model_key(model, i)])
 
