@@ -27,15 +27,25 @@ def _fail(message: str) -> int:
 def _train_worker(model_kwargs: dict[str, Any], run: Any, sources: Any) -> None:
     import torch
 
+    from xlstm_megatron.data.errors import DataConfigError
     from xlstm_megatron.training.batches import resolve_data_sources
     from xlstm_megatron.training.distributed import init_worker, shutdown_worker
-    from xlstm_megatron.training.run_config import dump_run_config
+    from xlstm_megatron.training.run_config import ConfigError, dump_run_config
     from xlstm_megatron.training.trainer import train
 
     env = init_worker(run)
-    if sources is None:  # under torchrun/srun: rank 0 prepares the data, the others wait for its answer
-        box = [resolve_data_sources(run) if env.rank == 0 else None]
+    if sources is None:  # under torchrun/srun: rank 0 prepares the data, the others wait for its answer (or error)
+        box: list[Any] = [None]
+        if env.rank == 0:
+            try:
+                box = [resolve_data_sources(run)]
+            except (ConfigError, DataConfigError) as e:
+                box = [str(e)]
         torch.distributed.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            if env.rank == 0:
+                _fail(box[0])
+            raise SystemExit(2)
         sources = box[0]
     if env.rank == 0 and run.save:
         Path(run.save).mkdir(parents=True, exist_ok=True)
@@ -65,7 +75,7 @@ def train_main(argv: list[str]) -> int:
         if not env.launched:
             sources = resolve_data_sources(run)
             vocab = padded_vocab_size(run, sources.tokenizer.load() if sources.tokenizer else None)
-            root = run.load or run.save
+            root = ckpt.resume_root(run.save, run.load)
             resume = ckpt.latest_iteration(root)
             if resume is not None:  # a checkpoint of another architecture fails here, before anything is written
                 ckpt.check_architecture(ckpt.iteration_dir(root, resume), ckpt.architecture(config, vocab))

@@ -16,7 +16,7 @@ def _run_tp(tp: int, sequence_parallel: bool, block: str, cfg_kwargs: dict, voca
     reinit_model_parallel(tp=tp)
     cfg = tiny_config(block, sequence_parallel=sequence_parallel, **cfg_kwargs)
     model = build_model(cfg, vocab, tokens.shape[1])
-    randomize_tp_invariant(model, seed=7)
+    randomize_tp_invariant(model, seed=7, std=0.2)  # std 0.3 makes fp32 rounding noise reach 1e-4
     logits = gather_from_tensor_model_parallel_region(model(tokens, None, None))  # vocab-parallel -> full
     loss = model(tokens, None, None, labels=labels)
     loss.mean().backward()

@@ -143,7 +143,10 @@ def enable_megatron_cpu_compat() -> None:
 def model_parallel_manual_seed(seed: int) -> None:
     """Seed the default and the model-parallel RNG streams; call after ``initialize_model_parallel``.
 
-    With CUDA this is Megatron's ``tensor_parallel.model_parallel_cuda_manual_seed(seed)``. On CPU it mirrors it on the
+    As Megatron-LM's ``_set_random_seed``, the seed is first offset by ``100 * pipeline_rank`` so that pipeline stages
+    (which build their layers from the same default-generator stream) get different weights; the default generator is
+    seeded with it on every device. With CUDA the streams are Megatron's
+    ``tensor_parallel.model_parallel_cuda_manual_seed(seed)``. On CPU it mirrors them on the
     CPU generator: the default stream gets ``seed`` (same on all TP ranks) and ``CpuRNGStatesTracker`` holds the
     data-parallel (``seed``), model-parallel (``seed + 2718 + tp_rank``) and expert-parallel
     (``seed + 1024 + 100 * ep_rank + etp_rank``) streams, so ``get_cuda_rng_tracker().fork()`` works as upstream.
@@ -152,11 +155,12 @@ def model_parallel_manual_seed(seed: int) -> None:
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as rng
 
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     enable_megatron_cpu_compat()
-    torch.manual_seed(seed)
     tracker = _cpu_tracker_class()()
     rng._CUDA_RNG_STATE_TRACKER = tracker
     rng._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -76,7 +76,8 @@ def v1_to_megatron(
             out[a + "gate_weight"] = torch.stack(
                 [g.reshape(mlstm_heads, 3, inner).permute(1, 2, 0) for g in gates], dim=-1
             ).contiguous()
-            out[a + "gate_bias"] = torch.stack([_pop(sd, c + "igate.bias"), _pop(sd, c + "fgate.bias")], dim=-1)
+            out[a + "igate_bias"] = _pop(sd, c + "igate.bias")
+            out[a + "fgate_bias"] = _pop(sd, c + "fgate.bias")
             out[a + "learnable_skip"] = _pop(sd, x + "learnable_skip")
             out[a + "norm_weight"] = _pop(sd, c + "outnorm.weight")
             out[a + "out_proj.weight"] = _pop(sd, x + "proj_down.weight")

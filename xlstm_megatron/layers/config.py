@@ -102,6 +102,8 @@ class XLSTMConfig(TransformerConfig):
     mlstm_chunk_size: int = 64
     mlstm_kernel: Literal["auto", "torch", "triton"] = "auto"
     """Chunkwise mLSTM implementation: 'auto' = the Triton kernels on CUDA, torch elsewhere."""
+    slstm_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """sLSTM implementation: 'auto' = the fused Triton kernel on CUDA (head size <= 128), torch elsewhere."""
     mlstm_backward: Literal["exact", "constant"] | None = None
     """'constant': normaliser and stabiliser are constants in backward (as xLSTM-7B was trained); 'exact': autograd
     through them (as the v1 code). Family default."""
@@ -202,10 +204,12 @@ class XLSTMConfig(TransformerConfig):
                 )
         if self.mlstm_backward not in ("exact", "constant"):
             raise ValueError(f"mlstm_backward={self.mlstm_backward!r} is unknown; use 'exact' or 'constant'")
-        if self.mlstm_kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"mlstm_kernel={self.mlstm_kernel!r} is unknown; use 'auto', 'torch' or 'triton'")
-        if self.mlstm_kernel == "triton" and not torch.cuda.is_available():
-            raise ValueError("mlstm_kernel='triton' needs a CUDA GPU; use 'auto' (Triton on GPU, torch on CPU)")
+        for name in ("mlstm_kernel", "slstm_kernel"):
+            kernel = getattr(self, name)
+            if kernel not in ("auto", "torch", "triton"):
+                raise ValueError(f"{name}={kernel!r} is unknown; use 'auto', 'torch' or 'triton'")
+            if kernel == "triton" and not torch.cuda.is_available():
+                raise ValueError(f"{name}='triton' needs a CUDA GPU; use 'auto' (Triton on GPU, torch on CPU)")
         if self.slstm_forget_gate not in ("sigmoid", "exp"):
             raise ValueError(f"slstm_forget_gate={self.slstm_forget_gate!r} is unknown; use 'sigmoid' or 'exp'")
         if self.mlstm_chunk_size < 1:

@@ -25,7 +25,7 @@ from xlstm_megatron.layers.parallel_utils import (
 )
 from xlstm_megatron.layers.recurrent_context import mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.mlstm.dispatch import mlstm_chunkwise_kernel
+from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 from xlstm_megatron.ops.softcap import soft_cap
 

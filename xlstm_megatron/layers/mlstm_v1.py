@@ -33,7 +33,7 @@ from xlstm_megatron.layers.parallel_utils import (
 from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.mlstm.dispatch import mlstm_chunkwise_kernel
+from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 
 
@@ -101,7 +101,10 @@ class MLSTMV1Mixer(HeadParallelMixer):
         self.q_weight, self.k_weight, self.v_weight = qkv
         # Gate weight [source (q, k, v), channel, head, gate (i, f)]; this rank holds its own channels.
         self.gate_weight = local(torch.zeros(3, inner, NH, 2), dim=1)
-        self.gate_bias = local(torch.stack([torch.randn(NH) * 0.1, mlstm_forget_gate_bias(NH)], dim=-1))  # [NH, 2]
+        # Two 1-D biases (not one [NH, 2] tensor): Megatron exempts 1-D parameters from weight decay, as the
+        # official model's nn.Linear biases are.
+        self.igate_bias = local(torch.randn(NH) * 0.1)
+        self.fgate_bias = local(mlstm_forget_gate_bias(NH))
         self.learnable_skip = local(torch.ones(inner))
         self.norm_weight = local(torch.zeros(inner))
         if config.perform_initialization:
@@ -156,12 +159,12 @@ class MLSTMV1Mixer(HeadParallelMixer):
         partial = torch.einsum("sbtc,tcng->sbng", qkv, self.gate_weight.to(qkv.dtype))  # partial sums, all heads
         full = reduce_from_tensor_model_parallel_region(partial.flatten(-2), group=self.tp_group)
         mine = scatter_to_tensor_model_parallel_region(full, group=self.tp_group)  # backward: all-gather
-        return mine.unflatten(-1, (self.local_heads, 2)) + self.gate_bias
+        return mine.unflatten(-1, (self.local_heads, 2)) + torch.stack([self.igate_bias, self.fgate_bias], dim=-1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         axes = dict.fromkeys(
-            ["conv_weight", "conv_bias", "q_weight", "k_weight", "v_weight", "gate_bias", "learnable_skip",
-             "norm_weight"], 0,
+            ["conv_weight", "conv_bias", "q_weight", "k_weight", "v_weight", "igate_bias", "fgate_bias",
+             "learnable_skip", "norm_weight"], 0,
         )
         axes["gate_weight"] = 1
         return mixer_sharded_state_dict(

@@ -31,8 +31,8 @@ from xlstm_megatron.layers.parallel_utils import (
 from xlstm_megatron.layers.recurrent_context import conv_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import normal_init_method, slstm_forget_gate_bias, small_init_std
+from xlstm_megatron.ops.kernels import slstm_kernel
 from xlstm_megatron.ops.norms import head_norm
-from xlstm_megatron.ops.slstm import slstm
 
 GATES = ("i", "f", "z", "o")
 
@@ -95,9 +95,9 @@ class SLSTMMixer(HeadParallelMixer):
         w = self.gate_weight.to(x.dtype)
         wx_if = torch.einsum("bshd,hgod->bshgo", x_c.reshape(B, S, h, DH), w[:, :2])
         wx_zo = torch.einsum("bshd,hgod->bshgo", x.reshape(B, S, h, DH), w[:, 2:])
-        y, cell_state = slstm(
-            torch.cat([wx_if, wx_zo], dim=3), self.recurrent_weight, self.bias, forget_gate=cfg.slstm_forget_gate,
-            initial_state=None if state is None else state[1:],
+        y, cell_state = slstm_kernel(
+            torch.cat([wx_if, wx_zo], dim=3), self.recurrent_weight, self.bias, kernel=cfg.slstm_kernel,
+            forget_gate=cfg.slstm_forget_gate, initial_state=None if state is None else state[1:],
         )  # [B, S, h, DH]
         if context is not None:
             context.set(self.layer_number, (conv_state, *cell_state))

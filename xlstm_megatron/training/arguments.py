@@ -31,6 +31,7 @@ XLSTM_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
     ("mlstm_chunk_size", int, None, "chunk length of the chunkwise mLSTM kernel (64)"),
     ("mlstm_backward", str, ("exact", "constant"), "mLSTM backward semantics (Large constant, v1 exact)"),
     ("mlstm_kernel", str, ("auto", "torch", "triton"), "chunkwise mLSTM implementation (auto: Triton on GPU)"),
+    ("slstm_kernel", str, ("auto", "torch", "triton"), "sLSTM implementation (auto: fused Triton on GPU)"),
     ("mlstm_eps", float, None, "mLSTM normaliser eps (1e-6)"),
     ("head_norm_eps", float, None, "eps of the per-head output norm (Large 1e-6, v1 1e-5)"),
     ("slstm_forget_gate", str, ("sigmoid", "exp"), "sLSTM forget gate (sigmoid)"),

@@ -12,6 +12,7 @@ scheduler state) loads the model and leaves the optimizer and schedule fresh, at
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ ARCH_FIELDS = (
 
 def architecture(config: XLSTMConfig, vocab_size: int) -> dict[str, Any]:
     return {**{name: getattr(config, name) for name in ARCH_FIELDS}, "vocab_size": vocab_size}
+
+
+def resume_root(save: str | Path | None, load: str | Path | None) -> str | Path | None:
+    """Where a run continues from: its own latest checkpoint once it has one (so a restarted fine-tune resumes its
+    progress instead of reloading the starting weights), else --load."""
+    return save if latest_iteration(save) is not None else (load or save)
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -110,7 +117,9 @@ def _save(root: str | Path, iteration: int, state: dict[str, Any], metadata: dic
 
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=False)
+        if path.exists():  # left by a run killed while saving: the latest pointer never named it
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
     torch.distributed.barrier()
     dist_checkpointing.save(state, str(path), content_metadata=metadata)
     torch.distributed.barrier()

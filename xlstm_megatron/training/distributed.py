@@ -41,11 +41,21 @@ def launch_env() -> LaunchEnv:
 
 
 def check_world(run: RunConfig, world_size: int) -> None:
-    model_parallel = run.tensor_model_parallel_size * run.pipeline_model_parallel_size
-    if world_size % model_parallel:
+    """Every layout check that needs the world size, before any process group exists."""
+    from xlstm_megatron.training.batches import num_microbatches
+
+    tp, pp = run.tensor_model_parallel_size, run.pipeline_model_parallel_size
+    if world_size % (tp * pp):
         raise ConfigError(
-            f"{world_size} processes cannot hold TP={run.tensor_model_parallel_size} x "
-            f"PP={run.pipeline_model_parallel_size}; use a multiple of {model_parallel} processes (--nproc)"
+            f"{world_size} processes cannot hold TP={tp} x PP={pp}; use a multiple of {tp * pp} processes (--nproc)"
+        )
+    n = num_microbatches(run, world_size // (tp * pp))  # also checks the global batch divides
+    if run.sequence_parallel and tp > 1 and run.seq_length % tp:
+        raise ConfigError(f"sequence parallel needs seq_length={run.seq_length} divisible by TP={tp}")
+    if run.virtual_pipeline_model_parallel_size and (pp < 2 or n % pp):
+        raise ConfigError(
+            f"virtual pipeline stages need PP >= 2 and microbatches ({n}) divisible by PP={pp}; "
+            "raise --global-batch-size"
         )
 
 
@@ -57,7 +67,7 @@ def _free_port() -> int:
 
 def _spawned(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(
-        RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+        RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     fn(*args)
@@ -66,7 +76,7 @@ def _spawned(local_rank: int, world_size: int, port: int, fn: Callable[..., Any]
 def run_processes(fn: Callable[..., Any], nproc: int, args: tuple = ()) -> None:
     """Run `fn(*args)` in `nproc` local processes with torchrun's environment (one process: in this one)."""
     if nproc == 1:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         fn(*args)
         return
@@ -88,7 +98,7 @@ def init_worker(run: RunConfig) -> LaunchEnv:
     else:
         enable_megatron_cpu_compat()
         # Share the cores between the local processes instead of oversubscribing them.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size if not env.launched else 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,

@@ -47,6 +47,10 @@ def build_model_config(model_kwargs: dict[str, Any], run: RunConfig) -> XLSTMCon
         bf16=run.bf16,
         params_dtype=dtype,
     )
+    if run.virtual_pipeline_model_parallel_size and run.pipeline_model_parallel_size == 2:
+        # With PP=2 both neighbours are one rank: batched p2p in the interleaved schedule pairs the activation and
+        # gradient messages in the wrong order and swaps them silently (megatron.training refuses this too).
+        layout["batch_p2p_comm"] = False
     if not torch.cuda.is_available():
         if run.bf16:
             raise ConfigError("bf16 training needs a GPU; drop --bf16 on CPU")
@@ -208,7 +212,7 @@ def train(model_kwargs: dict[str, Any], run: RunConfig, sources: DataSources) ->
     arch = ckpt.architecture(state.config, vocab)
     reporter = Reporter(run.train_iters, run.tensorboard_dir, run.progress_bar, active=rank == 0)
 
-    load_root = run.load or run.save
+    load_root = ckpt.resume_root(run.save, run.load)
     resume_from = ckpt.latest_iteration(load_root)
     if resume_from is not None:
         common = ckpt.load_checkpoint(ckpt.iteration_dir(load_root, resume_from), state.inner, state.optimizer,
@@ -267,7 +271,9 @@ def train(model_kwargs: dict[str, Any], run: RunConfig, sources: DataSources) ->
             break
 
     summary: dict[str, Any] = {"iteration": state.iteration, "history": reporter.history, "valid_loss": last_val}
-    if run.sample_tokens and data.tokenizer is not None and state.iteration >= run.train_iters:
+    if run.sample_tokens and run.virtual_pipeline_model_parallel_size:
+        reporter.message("text sample skipped: the interleaved schedule cannot run a single-microbatch forward")
+    elif run.sample_tokens and data.tokenizer is not None and state.iteration >= run.train_iters:
         from xlstm_megatron.training.sampling import generate_text
 
         text = generate_text(state, run, data.tokenizer, run.sample_prompt or "", run.sample_tokens)

@@ -1,12 +1,13 @@
-"""Kernel dispatch: torch on CPU for 'auto', a clear error for an impossible 'triton', identical results."""
+"""Kernel dispatch (mLSTM and sLSTM): torch on CPU for "auto", a clear error for an impossible "triton"."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel, slstm_kernel
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise
-from xlstm_megatron.ops.mlstm.dispatch import mlstm_chunkwise_kernel
+from xlstm_megatron.ops.slstm import slstm
 
 
 def _inputs():
@@ -25,8 +26,12 @@ def test_auto_and_torch_on_cpu_are_the_torch_path():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_triton_on_cpu_tensors_names_the_fix():
-    with pytest.raises(ValueError, match="use mlstm_kernel='auto' or 'torch'"):
+    with pytest.raises(ValueError, match="use kernel 'auto' or 'torch'"):
         mlstm_chunkwise_kernel(*_inputs(), kernel="triton", chunk_size=4)
+    wx, r, b = torch.randn(1, 3, 2, 4, 8), torch.randn(2, 8, 4, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="use kernel 'auto' or 'torch'"):
+        slstm_kernel(wx, r, b, kernel="triton")
+    assert torch.equal(slstm_kernel(wx, r, b, kernel="auto")[0], slstm(wx, r, b)[0])
 
 
 def test_unknown_kernel():

@@ -1,0 +1,233 @@
+"""Fused Triton sLSTM against the torch sLSTM (`slstm`, itself tested against the per-step reference).
+
+- CPU: every case runs under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so one
+  worker subprocess runs all cases and reports max errors as JSON; this process never imports the kernels).
+- CPU: the kernels compile ahead of time for sm_90 (catches what the interpreter accepts but the compiler does not).
+- GPU (skipped without CUDA): fp32 / bf16 inputs vs the torch path on the GPU, at realistic sizes.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name: (B, S, NH, DH, dtype, forget_gate, initial state, kind of inputs)
+# kinds: "random"; "ties": exp forget gate with ĩ = f̃ = 0 and R_i = R_f = 0, so ĩ == m + log f at every step (the
+# max ties) and x == 0 at the min(., 1) clip; "partial_zero_n": a state with n == 0 (and c == 0) on some elements only
+CASES = {
+    "sigmoid_zero_state": (2, 12, 2, 16, "float32", "sigmoid", False, "random"),
+    "sigmoid_state": (1, 9, 2, 8, "float32", "sigmoid", True, "random"),
+    "exp_zero_state": (1, 7, 2, 16, "float32", "exp", False, "random"),
+    "exp_state": (2, 10, 2, 8, "float32", "exp", True, "random"),
+    "one_step_state": (2, 1, 2, 8, "float32", "sigmoid", True, "random"),
+    "one_step": (1, 1, 2, 16, "float32", "exp", False, "random"),
+    "padded_head": (2, 6, 2, 12, "float32", "sigmoid", True, "random"),
+    "two_batch_tiles": (17, 3, 2, 8, "float32", "sigmoid", True, "random"),
+    "ties": (2, 5, 2, 8, "float32", "exp", False, "ties"),
+    "partial_zero_n": (2, 6, 2, 8, "float32", "sigmoid", True, "partial_zero_n"),
+    "fp16": (2, 8, 2, 16, "float16", "sigmoid", True, "random"),
+    "bf16": (1, 6, 2, 16, "bfloat16", "exp", True, "random"),
+    "empty_sequence": (2, 0, 2, 8, "float32", "sigmoid", True, "random"),
+}
+# max |triton - torch| / max(1, max |torch|); fp32 math on both sides (fp16 / bf16 only round the inputs and y)
+TOL = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
+TOL_LOW = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}  # y and dwx come back in the input dtype
+NAMES = ["y", "y_last", "c_last", "n_last", "m_last", "dwx", "dr", "db", "dy0", "dc0", "dn0", "dm0"]
+
+
+def _inputs(case: tuple, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(wx, r, b), the initial state (empty for zeros) and loss weights for y and the final state."""
+    B, S, NH, DH, dtype, _, with_state, kind = case
+    g = torch.Generator().manual_seed(seed)
+    wx = torch.randn(B, S, NH, 4, DH, generator=g).to(getattr(torch, dtype))
+    r = torch.randn(NH, DH, 4, DH, generator=g) / DH**0.5
+    b = torch.randn(NH, 4, DH, generator=g)
+    if kind == "ties":
+        wx[:, :, :, :2] = 0.0
+        r[:, :, :2] = 0.0
+        b[:, :2] = 0.0
+    state = []
+    if with_state:
+        y0, c0, n0, m0 = (torch.randn(B, NH, DH, generator=g) for _ in range(4))
+        n0 = n0.abs() + 0.1
+        if kind == "partial_zero_n":
+            zero = torch.rand(B, NH, DH, generator=g) < 0.5
+            n0, c0 = n0.masked_fill(zero, 0.0), c0.masked_fill(zero, 0.0)
+        state = [y0, c0, n0, m0]
+    weights = [torch.randn(B, S, NH, DH, generator=g)] + [torch.randn(B, NH, DH, generator=g) for _ in range(4)]
+    return [wx, r, b], state, weights
+
+
+def _worker(cases: dict) -> dict:
+    """Runs in a subprocess with TRITON_INTERPRET=1: fwd + bwd of every case, triton vs torch."""
+    from xlstm_megatron.ops.slstm import slstm
+    from xlstm_megatron.ops.slstm.triton import slstm_triton
+
+    results = {}
+    for seed, (name, case) in enumerate(cases.items()):
+        params, state, weights = _inputs(case, seed)
+        outs = {}
+        for impl, fn in (("triton", slstm_triton), ("torch", slstm)):
+            ins = [t.clone().requires_grad_() for t in params]
+            st = [t.clone().requires_grad_() for t in state]
+            y, final = fn(*ins, initial_state=tuple(st) or None, forget_gate=case[5])
+            loss = sum((o.float() * w).sum() for o, w in zip([y, *final], weights, strict=True))
+            loss.backward()
+            outs[impl] = [y, *final] + [t.grad for t in ins + st]
+        res = {}
+        for key, got, ref in zip(NAMES, outs["triton"], outs["torch"], strict=False):
+            if got.shape != ref.shape or not torch.isfinite(got).all():
+                res[key] = float("nan")
+            elif ref.numel() == 0:
+                res[key] = 0.0
+            else:
+                err = (got.float() - ref.float()).abs().max().item() / max(1.0, ref.float().abs().max().item())
+                res[key] = err
+        res["y_dtype_ok"] = outs["triton"][0].dtype == outs["torch"][0].dtype
+        results[name] = res
+    results["validation"] = _validation_errors(slstm_triton)
+    return results
+
+
+def _validation_errors(fn) -> dict:
+    """Exception type raised for each bad call (None if none was raised)."""
+    wx, r, b = torch.randn(1, 2, 2, 4, 8), torch.randn(2, 8, 4, 8), torch.randn(2, 4, 8)
+    big = 160
+    bad = {
+        "fp64": lambda: fn(wx.double(), r, b),
+        "head_too_large": lambda: fn(torch.randn(1, 2, 1, 4, big), torch.randn(1, big, 4, big), torch.randn(1, 4, big)),
+        "shapes": lambda: fn(wx, r[:, :4], b),
+        "forget_gate": lambda: fn(wx, r, b, forget_gate="tanh"),
+    }
+    out = {}
+    for name, call in bad.items():
+        try:
+            call()
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - the type is the result
+            out[name] = type(exc).__name__
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"], input=json.dumps(CASES), capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreter_matches_torch_slstm(interpreter_results, case):
+    """y, the final state and the gradients of wx, r, b (and the initial state) equal the torch sLSTM."""
+    res = dict(interpreter_results[case])
+    assert res.pop("y_dtype_ok")
+    dtype, with_state = CASES[case][4], CASES[case][6]
+    expected = set(NAMES) if with_state else set(NAMES[:8])
+    assert set(res) == expected
+    tol = {k: TOL_LOW[dtype] if k in ("y", "dwx") else TOL[dtype] for k in res}
+    bad = {k: v for k, v in res.items() if not v <= tol[k]}  # `not <=` also catches nan
+    assert not bad, f"errors above tolerance: {bad}"
+
+
+def test_interpreter_rejects_bad_inputs(interpreter_results):
+    assert interpreter_results["validation"] == {
+        "fp64": "TypeError", "head_too_large": "ValueError", "shapes": "ValueError", "forget_gate": "ValueError",
+    }
+
+
+GUARD_SCRIPT = r"""
+import sys
+import xlstm_megatron.ops
+assert "xlstm_megatron.ops.slstm.triton" not in sys.modules, "the torch path must not import the Triton package"
+sys.modules["triton"] = None  # triton not installed
+from xlstm_megatron.ops.slstm.triton import TRITON_AVAILABLE, slstm_triton
+assert not TRITON_AVAILABLE
+try:
+    slstm_triton()
+except ImportError:
+    print("guarded")
+"""
+
+
+def test_package_imports_without_triton_and_stays_off_the_torch_path():
+    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "guarded" in proc.stdout, proc.stderr[-4000:]
+
+
+AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xlstm_megatron.ops.slstm.triton.kernels import slstm_bwd_kernel, slstm_fwd_kernel
+
+for fn in (slstm_fwd_kernel, slstm_bwd_kernel):
+    for d, exp_forget in ((16, False), (64, True), (128, False)):
+        ce = dict(BB=16, D=d, EXP_FORGET=exp_forget)
+        sig = {a: "constexpr" if a in ce else ("*bf16" if a == "wx_ptr" else "*i32" if a == "first_zero_ptr"
+               else "*fp32") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4 if d <= 64 else 8))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu_targets():
+    """Ahead-of-time compilation to sm_90 cubins (needs only ptxas, shipped with triton)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas available for ahead-of-time compilation")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+GPU_CASES = [  # (B, S, NH, DH, dtype, forget_gate, tolerance)
+    (4, 512, 4, 64, torch.float32, "sigmoid", 1e-4),
+    (3, 300, 4, 128, torch.float32, "exp", 1e-4),
+    (33, 200, 2, 40, torch.bfloat16, "sigmoid", 2e-2),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU path runs compiled kernels")
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_matches_torch_slstm(case):
+    from xlstm_megatron.ops.slstm import slstm
+    from xlstm_megatron.ops.slstm.triton import slstm_triton
+
+    B, S, NH, DH, dtype, forget_gate, tol = case
+    params, state, weights = _inputs((B, S, NH, DH, "float32", forget_gate, True, "random"), S)
+    params[0] = params[0].to(dtype)
+    params, state, weights = ([t.cuda() for t in ts] for ts in (params, state, weights))
+    outs = {}
+    for impl, fn in (("triton", slstm_triton), ("torch", slstm)):
+        ins = [t.clone().requires_grad_() for t in params]
+        st = [t.clone().requires_grad_() for t in state]
+        y, final = fn(*ins, initial_state=tuple(st), forget_gate=forget_gate)
+        sum((o.float() * w).sum() for o, w in zip([y, *final], weights, strict=True)).backward()
+        outs[impl] = [y, *final] + [t.grad for t in ins + st]
+    for name, got, ref in zip(NAMES, outs["triton"], outs["torch"], strict=True):
+        assert torch.isfinite(got).all(), name
+        err = (got.float() - ref.float()).abs().max().item() / max(1.0, ref.float().abs().max().item())
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must run under the Triton interpreter"
+    sys.path.insert(0, str(REPO))
+    torch.set_num_threads(1)
+    print(json.dumps(_worker(json.loads(sys.stdin.read()))))
