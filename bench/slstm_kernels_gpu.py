@@ -1,0 +1,147 @@
+"""GPU fwd+bwd of an sLSTM layer's cell: ours fused Triton vs ours torch vs the official `xlstm` CUDA backend, and
+the ratio to an mLSTM cell of the same width (the issue's target: sLSTM fused <= 2x the mLSTM layer's time).
+
+Shapes (B, S, NH, DH) default to the v1 paper models' sLSTM blocks (4 heads) at 2048 tokens per sequence. All
+implementations are timed in this process on the same inputs (CUDA events, median); failing ones are recorded as
+errors. Writes bench/results/slstm_kernels_gpu.json (machine, versions, commit, date, rows).
+
+    .venv/bin/python bench/slstm_kernels_gpu.py                      # bf16 inputs, fp32 states
+    .venv/bin/python bench/slstm_kernels_gpu.py --dry-run            # the plan, no GPU needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.run_env import run_env  # noqa: E402
+
+DEFAULT_SHAPES = ["8x2048x4x192", "8x2048x4x256", "4x2048x4x384", "16x1024x8x64"]  # B x S x NH x DH
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _slstm_inputs(B: int, S: int, NH: int, DH: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wx = torch.randn(B, S, NH, 4, DH, device="cuda", generator=g).to(dtype)
+    r = torch.randn(NH, DH, 4, DH, device="cuda", generator=g) * DH**-0.5
+    b = torch.randn(NH, 4, DH, device="cuda", generator=g)
+    return [t.requires_grad_() for t in (wx, r, b)]
+
+
+def _official_cell(NH: int, DH: int, dtype: torch.dtype) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The official sLSTM cell (CUDA backend, JIT-compiled on first use), fed our W x + b through its own weights."""
+    from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig
+
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    cell = sLSTMCell(sLSTMCellConfig(hidden_size=NH * DH, num_heads=NH, backend="cuda", dtype=name)).cuda()
+
+    def run(ins):
+        wx = ins[0]
+        B, S = wx.shape[:2]
+        # Official input layout (B, S, 4 * NH * DH) with gates outermost.
+        y, _ = cell(wx.permute(0, 1, 3, 2, 4).reshape(B, S, -1))
+        return y
+
+    return run
+
+
+def _impls(names: set[str] | None) -> dict[str, Callable]:
+    def ours_triton(ins):
+        from xlstm_megatron.ops.slstm.triton import slstm_triton
+
+        return slstm_triton(*ins)[0]
+
+    def ours_torch(ins):
+        from xlstm_megatron.ops.slstm import slstm
+
+        return slstm(*ins)[0]
+
+    impls = {"ours triton": ours_triton, "ours torch": ours_torch, "official cuda": None}
+    return {k: v for k, v in impls.items() if names is None or k in names}
+
+
+def _time_ms(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _fwd_bwd_ms(fn: Callable[[list[torch.Tensor]], torch.Tensor], ins: list[torch.Tensor], warmup: int,
+                reps: int) -> float:
+    dy = torch.randn_like(fn(ins))
+
+    def step():
+        for t in ins:
+            t.grad = None
+        fn(ins).backward(dy)
+
+    return statistics.median(_time_ms(step, warmup, reps))
+
+
+def _mlstm_reference_ms(B: int, S: int, NH: int, DH: int, dtype: torch.dtype, warmup: int, reps: int) -> float:
+    """The mLSTM cell an mLSTM layer of the same width runs (Triton chunkwise, DQK = DV = DH)."""
+    from xlstm_megatron.ops.mlstm.triton import mlstm_chunkwise_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(3))
+    i, f = (torch.randn(B, NH, S, device="cuda", generator=g).requires_grad_() for _ in range(2))
+    return _fwd_bwd_ms(lambda ins: mlstm_chunkwise_triton(*ins, chunk_size=64), [q, k, v, i, f], warmup, reps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="B x S x NH x DH")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--impls", nargs="+", default=None, help="subset of: ours triton, ours torch, official cuda")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the environment, run nothing")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "slstm_kernels_gpu.json")
+    args = p.parse_args()
+    shapes = [dict(zip(("B", "S", "NH", "DH"), map(int, s.split("x")), strict=True)) for s in args.shapes]
+    impls = _impls(set(args.impls) if args.impls else None)
+    if args.dry_run:
+        print(json.dumps({"env": run_env(), "shapes": shapes, "impls": list(impls), "dtype": args.dtype}, indent=1))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (use --dry-run to see the plan)")
+    dtype, rows = DTYPES[args.dtype], []
+    for shape in shapes:
+        mlstm_ms = _mlstm_reference_ms(**shape, dtype=dtype, warmup=args.warmup, reps=args.reps)
+        for name, fn in impls.items():
+            row = {"impl": name, **shape, "mlstm_cell_fwd_bwd_ms": mlstm_ms}
+            try:
+                fn = fn or _official_cell(shape["NH"], shape["DH"], dtype)
+                row["fwd_bwd_ms"] = _fwd_bwd_ms(fn, _slstm_inputs(**shape, dtype=dtype), args.warmup, args.reps)
+                row["vs_mlstm"] = row["fwd_bwd_ms"] / mlstm_ms
+            except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            rows.append(row)
+            timing = f"{row['fwd_bwd_ms']:9.2f} ms  {row['vs_mlstm']:5.2f}x mLSTM" if "fwd_bwd_ms" in row \
+                else row["error"]
+            print(f"{name:14s} B{shape['B']} S{shape['S']} NH{shape['NH']} DH{shape['DH']}: {timing}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"env": run_env(), "dtype": args.dtype, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
