@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import cuda_times_ms, run_env  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_HEADS = ["8x256x512", "16x128x256"]
@@ -85,21 +85,6 @@ def _inputs(impl: str, B: int, NH: int, S: int, DQK: int, DV: int, dtype: torch.
     return [t.requires_grad_() for t in ins]
 
 
-def _time_ms(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def bench_one(impl: str, fn: Impl, shape: dict, dtype: torch.dtype, warmup: int, reps: int) -> dict:
     row = {"impl": impl, **shape}
     ins = None
@@ -116,8 +101,8 @@ def bench_one(impl: str, fn: Impl, shape: dict, dtype: torch.dtype, warmup: int,
             fn(ins).backward(dh)
 
         torch.cuda.reset_peak_memory_stats()
-        fwd_ms = _time_ms(fwd, warmup, reps)
-        bwd_ms = _time_ms(fwd_bwd, warmup, reps)
+        fwd_ms = cuda_times_ms(fwd, warmup, reps)
+        bwd_ms = cuda_times_ms(fwd_bwd, warmup, reps)
         row |= {
             "fwd_ms": statistics.median(fwd_ms),
             "fwd_bwd_ms": statistics.median(bwd_ms),

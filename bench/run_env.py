@@ -1,4 +1,5 @@
-"""What every benchmark result records about where it ran: machine, versions, git commit, date."""
+"""Shared by the benchmarks: what a result records about where it ran (machine, versions, git commit, date), and
+CUDA-event timing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,3 +55,19 @@ def run_env() -> dict:
                      ("torch", "triton", "megatron-core", "xlstm", "mlstm_kernels", "transformer-engine")}
         | {"python": platform.python_version(), "cuda": torch.version.cuda},
     }
+
+
+def cuda_times_ms(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
+    """Wall times of `fn` on the GPU in ms (CUDA events, synchronised), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import cuda_times_ms, run_env  # noqa: E402
 
 DEFAULT_SHAPES = ["8x2048x4x192", "8x2048x4x256", "4x2048x4x384", "16x1024x8x64"]  # B x S x NH x DH
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -69,21 +69,6 @@ def _impls(names: set[str] | None) -> dict[str, Callable]:
     return {k: v for k, v in impls.items() if names is None or k in names}
 
 
-def _time_ms(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def _fwd_bwd_ms(fn: Callable[[list[torch.Tensor]], torch.Tensor], ins: list[torch.Tensor], warmup: int,
                 reps: int) -> float:
     dy = torch.randn_like(fn(ins))
@@ -93,7 +78,7 @@ def _fwd_bwd_ms(fn: Callable[[list[torch.Tensor]], torch.Tensor], ins: list[torc
             t.grad = None
         fn(ins).backward(dy)
 
-    return statistics.median(_time_ms(step, warmup, reps))
+    return statistics.median(cuda_times_ms(step, warmup, reps))
 
 
 def _mlstm_reference_ms(B: int, S: int, NH: int, DH: int, dtype: torch.dtype, warmup: int, reps: int) -> float:

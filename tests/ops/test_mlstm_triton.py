@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ops.triton_interpreter import raised_types, run_worker_in_interpreter
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,25 +103,12 @@ def _validation_errors(fn) -> dict:
         "chunk_size": lambda: fn(q, q, v, g, g, chunk_size=0),
         "backward": lambda: fn(q, q, v, g, g, backward="approx"),
     }
-    out = {}
-    for name, call in bad.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as exc:  # noqa: BLE001 - the type is the result
-            out[name] = type(exc).__name__
-    return out
+    return raised_types(bad)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"], input=json.dumps(CASES), capture_output=True, text=True, env=env,
-        cwd=REPO, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker_in_interpreter(__file__, CASES, timeout=900)
 
 
 def test_interpreter_rejects_bad_inputs(interpreter_results):
