@@ -74,8 +74,9 @@ def mlstm_bwd_states_kernel(
     for cc in range(NC):
         c = NC - 1 - cc
         tl.store(dCs_ptr + (bh * NC + c) * DQK * DV + c_off, dC, mask=mkv)
-        if HAS_DNF or HAS_DDEN:
-            tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn, mask=mk & first_v)
+        if HAS_DNF or HAS_DDEN:  # noqa: SIM102 - compile-time branch around a run-time one
+            if first_v:
+                tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn, mask=mk)
         M = tl.load(Ms_ptr + bh * (NC + 1) + c)
         carry = tl.exp(M - tl.maximum(M, tl.load(ucm_ptr + g_base + c * L + L - 1)))
         dC = dC * carry
@@ -95,8 +96,9 @@ def mlstm_bwd_states_kernel(
                 dden = tl.load(dden_ptr + g_base + pos, mask=ms, other=0.0)
                 dn += tl.sum(qr * dden[None, :], axis=1)
     tl.store(dC0_ptr + bh * DQK * DV + c_off, dC, mask=mkv)
-    if HAS_DNF or HAS_DDEN:
-        tl.store(dn0_ptr + bh * DQK + ok, dn, mask=mk & first_v)
+    if HAS_DNF or HAS_DDEN:  # noqa: SIM102 - compile-time branch around a run-time one
+        if first_v:
+            tl.store(dn0_ptr + bh * DQK + ok, dn, mask=mk)
 
 
 @triton.jit

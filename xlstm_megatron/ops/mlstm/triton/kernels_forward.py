@@ -66,8 +66,10 @@ def mlstm_fwd_states_kernel(
     g_base = bh * NC * L
     for c in range(NC):
         tl.store(Cs_ptr + (bh * NC + c) * DQK * DV + c_off, C, mask=mkv)
-        tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n, mask=mk & first_v)
-        tl.store(Ms_ptr + bh * (NC + 1) + c, M, mask=first)
+        if first_v:
+            tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n, mask=mk)
+        if first:
+            tl.store(Ms_ptr + bh * (NC + 1) + c, M)
         c0 = c * L
         x_last = tl.maximum(M, tl.load(ucm_ptr + g_base + c0 + L - 1))
         b_last = tl.load(b_ptr + g_base + c0 + L - 1)
@@ -87,8 +89,10 @@ def mlstm_fwd_states_kernel(
             n += tl.sum(kw, axis=1)
         M = b_last + x_last
     tl.store(Cf_ptr + bh * DQK * DV + c_off, C, mask=mkv)
-    tl.store(nf_ptr + bh * DQK + ok, n, mask=mk & first_v)
-    tl.store(Ms_ptr + bh * (NC + 1) + NC, M, mask=first)
+    if first_v:
+        tl.store(nf_ptr + bh * DQK + ok, n, mask=mk)
+    if first:
+        tl.store(Ms_ptr + bh * (NC + 1) + NC, M)
 
 
 @triton.jit
@@ -176,5 +180,6 @@ def mlstm_fwd_out_kernel(
     h = acc / (tl.maximum(tl.abs(den), floor) + eps)[:, None]
     h_off = pos[:, None] * DV + ov[None, :]
     tl.store(h_ptr + bh * S * DV + h_off, h.to(h_ptr.dtype.element_ty), mask=ms[:, None] & mv[None, :])
-    tl.store(den_ptr + g_base + pos, den, mask=mr & (pid_v == 0))
-    tl.store(m_ptr + g_base + pos, m, mask=mr & (pid_v == 0))
+    if pid_v == 0:  # one program per row block writes the row statistics
+        tl.store(den_ptr + g_base + pos, den, mask=mr)
+        tl.store(m_ptr + g_base + pos, m, mask=mr)
