@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,22 +25,26 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 REPO = Path(__file__).resolve().parents[2]
 
 # name: (B, NH, S, chunk, DQK, DV, dtype, backward, initial state, loss on the final state, fixed tile cap,
-#        input-gate shift); a tile cap of 16 gives several row blocks per chunk and several DQK / DV tiles
+#        input-gate shift, recompute the chunk states in backward); a tile cap of 16 gives several row blocks per
+#        chunk and several DQK / DV tiles
 CASES = {
-    "tiny_one_chunk": (1, 2, 8, 8, 16, 16, "float32", "constant", False, False, 64, 0.0),
-    "ragged_state": (2, 2, 37, 16, 16, 32, "float32", "constant", True, True, 64, 0.0),
-    "exact_state": (1, 2, 40, 8, 32, 16, "float32", "exact", True, True, 64, 0.0),
-    "exact_h_only": (1, 2, 23, 8, 16, 16, "float32", "exact", True, False, 64, 0.0),
-    "odd_sizes": (1, 2, 21, 5, 12, 20, "float32", "constant", True, True, 64, 0.0),
-    "chunk_gt_seq": (1, 2, 5, 64, 16, 16, "float32", "exact", False, True, 64, 0.0),
-    "one_token": (1, 2, 1, 8, 16, 16, "float32", "constant", True, True, 64, 0.0),
-    "multi_tile": (1, 2, 40, 40, 32, 48, "float32", "constant", True, True, 16, 0.0),
-    "multi_tile_exact": (1, 1, 34, 32, 40, 32, "float32", "exact", True, True, 16, 0.0),
-    "fp16_state": (1, 2, 33, 16, 32, 32, "float16", "constant", True, True, 64, 0.0),
-    "fp16_exact": (2, 2, 24, 8, 16, 16, "float16", "exact", False, True, 64, 0.0),
-    "fp16_multi_tile": (1, 2, 48, 32, 32, 32, "float16", "constant", True, True, 16, 0.0),
-    "many_chunks": (1, 1, 70, 8, 16, 16, "float32", "constant", True, True, 64, 0.0),
-    "tiny_gates_floor": (1, 2, 30, 8, 16, 16, "float32", "exact", False, True, 64, -30.0),
+    "tiny_one_chunk": (1, 2, 8, 8, 16, 16, "float32", "constant", False, False, 64, 0.0, True),
+    "ragged_state": (2, 2, 37, 16, 16, 32, "float32", "constant", True, True, 64, 0.0, True),
+    "exact_state": (1, 2, 40, 8, 32, 16, "float32", "exact", True, True, 64, 0.0, True),
+    "exact_h_only": (1, 2, 23, 8, 16, 16, "float32", "exact", True, False, 64, 0.0, True),
+    "odd_sizes": (1, 2, 21, 5, 12, 20, "float32", "constant", True, True, 64, 0.0, True),
+    "chunk_gt_seq": (1, 2, 5, 64, 16, 16, "float32", "exact", False, True, 64, 0.0, True),
+    "one_token": (1, 2, 1, 8, 16, 16, "float32", "constant", True, True, 64, 0.0, True),
+    "multi_tile": (1, 2, 40, 40, 32, 48, "float32", "constant", True, True, 16, 0.0, True),
+    "multi_tile_exact": (1, 1, 34, 32, 40, 32, "float32", "exact", True, True, 16, 0.0, True),
+    "fp16_state": (1, 2, 33, 16, 32, 32, "float16", "constant", True, True, 64, 0.0, True),
+    "fp16_exact": (2, 2, 24, 8, 16, 16, "float16", "exact", False, True, 64, 0.0, True),
+    "fp16_multi_tile": (1, 2, 48, 32, 32, 32, "float16", "constant", True, True, 16, 0.0, True),
+    "many_chunks": (1, 1, 70, 8, 16, 16, "float32", "constant", True, True, 64, 0.0, True),
+    "tiny_gates_floor": (1, 2, 30, 8, 16, 16, "float32", "exact", False, True, 64, -30.0, True),
+    "saved_states": (2, 2, 37, 16, 16, 32, "float32", "constant", True, True, 16, 0.0, False),
+    "saved_states_exact": (1, 1, 34, 8, 40, 32, "float32", "exact", True, True, 16, 0.0, False),
+    "saved_states_fp16": (1, 2, 33, 16, 32, 32, "float16", "exact", False, True, 64, 0.0, False),
 }
 # max |triton - reference| / max(1, max |reference|), per dtype
 TOL = {"float32": 2e-5, "float16": 5e-3}
@@ -51,7 +56,8 @@ def _worker(cases: dict) -> dict:
     from xlstm_megatron.ops.mlstm.triton import launch, mlstm_chunkwise_triton
 
     results = {}
-    for name, (B, NH, S, chunk, DQK, DV, dtype, backward, with_state, state_loss, cap, i_shift) in cases.items():
+    for name, case in cases.items():
+        B, NH, S, chunk, DQK, DV, dtype, backward, with_state, state_loss, cap, i_shift, recompute = case
         launch.FIXED_TILE_CAP = cap
         g = torch.Generator().manual_seed(len(results))
         shapes = [(B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV), (B, NH, S), (B, NH, S)]
@@ -65,7 +71,7 @@ def _worker(cases: dict) -> dict:
         for impl, dt in (("triton", getattr(torch, dtype)), ("torch", torch.float32)):
             ins = [t.to(dt if j < 3 else torch.float32).clone().requires_grad_() for j, t in enumerate(seq)]
             st = [t.clone().requires_grad_() for t in state]
-            fn = mlstm_chunkwise_triton if impl == "triton" else mlstm_chunkwise
+            fn = mlstm_chunkwise if impl == "torch" else partial(mlstm_chunkwise_triton, recompute_states=recompute)
             h, (C, n, m) = fn(
                 *ins, chunk_size=chunk, initial_state=tuple(st) or None, return_final_state=True, backward=backward
             )
@@ -90,7 +96,28 @@ def _worker(cases: dict) -> dict:
                 res["h_rel"] = err / max(1e-30, ref.abs().max().item())
         results[name] = res
     results["validation"] = _validation_errors(mlstm_chunkwise_triton)
+    results["saved_bytes"] = {str(r): _saved_bytes(mlstm_chunkwise_triton, r) for r in (True, False)}
     return results
+
+
+SAVED_SHAPE = (2, 3, 100, 16, 16, 32)  # B, NH, S, chunk, DQK, DV: 7 chunks
+
+
+def _saved_bytes(fn, recompute: bool) -> int:
+    """Bytes the Triton mLSTM saves for backward (saved-tensor hooks see `ctx.save_for_backward`)."""
+    B, NH, S, chunk, DQK, DV = SAVED_SHAPE
+    ins = [torch.randn(s, requires_grad=True) for s in ((B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV))]
+    ins += [torch.randn(B, NH, S, requires_grad=True) for _ in range(2)]
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*ins, chunk_size=chunk, recompute_states=recompute).sum().backward()
+    return total
 
 
 def _validation_errors(fn) -> dict:
@@ -147,6 +174,15 @@ def test_interpreter_matches_torch_chunkwise(interpreter_results, case):
     assert not bad, f"errors above {tol}: {bad}"
     expected = {"h", "C", "n", "m", "dq", "dk", "dv", "di", "df"}
     assert expected <= {k for k, v in res.items() if v is not None}
+
+
+def test_recomputing_the_chunk_states_saves_them(interpreter_results):
+    """With recompute_states, backward keeps the initial C, n instead of the fp32 C, n before every chunk."""
+    B, NH, S, chunk, DQK, DV = SAVED_SHAPE
+    chunks = -(-S // chunk)
+    state_bytes = B * NH * (DQK * DV + DQK) * 4
+    saved = interpreter_results["saved_bytes"]
+    assert saved["False"] - saved["True"] == (chunks - 1) * state_bytes
 
 
 AOT_SCRIPT = r"""

@@ -2,9 +2,12 @@
 
 Forward: the torch side builds the per-chunk gate vectors (O(S) elementwise work); kernel 1 scans the chunk states
 (C, n, M) sequentially over chunks in fp32, parallel over heads and (DQK, DV) tiles; kernel 2 computes h for all
-chunks in parallel. Saved for backward: the inputs, the states before every chunk, q.n and m per row (and h for the
-exact semantics). Backward: a reverse scan for the state gradients, then dq, dk, dv in parallel over chunks, each
-recomputing its L x L blocks; the gate gradients follow from q.dq and k.dk row sums (see chunkwise_backward.py).
+chunks in parallel. Saved for backward: the inputs, the stabiliser before every chunk, q.n and m per row (and h for
+the exact semantics), and either the fp32 states before every chunk or, by default (as TFLA), nothing more: backward
+re-runs the state scan. The saved states take 2 * DQK * DV / (L * (2 * DQK + DV)) times the bytes of bf16 q, k, v
+(4x at the xLSTM 7B heads with L = 64), the re-run scan one of the six kernels' time. Backward: a reverse scan for
+the state gradients, then dq, dk, dv in parallel over chunks, each recomputing its L x L blocks; the gate gradients
+follow from q.dq and k.dk row sums (see chunkwise_backward.py).
 """
 
 import contextlib
@@ -61,28 +64,43 @@ def _flat(t: Tensor, BH: int) -> Tensor:
     return t.reshape(BH, *t.shape[2:]).contiguous()
 
 
+def _initial_state(C0: Tensor | None, n0: Tensor | None, m0: Tensor | None, g: _Geometry, dev) -> tuple[Tensor, ...]:
+    """The initial state as contiguous fp32 (BH, ...) tensors (zeros when none is given)."""
+    if C0 is None:
+        return tuple(torch.zeros(s, device=dev, dtype=F32) for s in ((g.BH, g.DQK, g.DV), (g.BH, g.DQK), (g.BH,)))
+    return tuple(t.to(F32).reshape(g.BH, *t.shape[2:]).contiguous() for t in (C0, n0, m0))
+
+
+def _scan_states(k_: Tensor, v_: Tensor, gates: tuple[Tensor, Tensor, Tensor], state0: tuple[Tensor, ...],
+                 g: _Geometry, meta: dict, tune: bool) -> tuple[Tensor, ...]:
+    """Kernel 1: the fp32 states before every chunk (Cs, ns), the stabilisers (Ms) and the final C, n."""
+    b, u, ucm = gates
+    C0_, n0_, m0_ = state0
+    dev = k_.device
+    Cs = torch.empty(g.BH, g.NC, g.DQK, g.DV, device=dev, dtype=F32)
+    ns = torch.empty(g.BH, g.NC, g.DQK, device=dev, dtype=F32)
+    Ms = torch.empty(g.BH, g.NC + 1, device=dev, dtype=F32)
+    Cf, nf = torch.empty_like(C0_), torch.empty_like(n0_)
+    args = (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, g.S, g.NC)
+    launch("fwd_states", g.scan_grid(), args, meta, tune)
+    return Cs, ns, Ms, Cf, nf
+
+
 class _MLSTMChunkwiseTriton(torch.autograd.Function):
-    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), chunk_size, eps, exact; outputs h, C, n, m."""
+    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), chunk_size, eps, exact, recompute_states;
+    outputs h, C, n, m."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, exact: bool):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, exact: bool, recompute_states: bool):
         g = _Geometry(q, v, chunk_size)
         BH, S, DQK, DV, L, NC = g.BH, g.S, g.DQK, g.DV, g.L, g.NC
         _, _, b, u, ucm = _gate_vectors(i, f, L, NC)
         q_, k_, v_ = _flat(q, BH), _flat(k, BH), _flat(v, BH)
         dev = q.device
-        if C0 is None:
-            C0_, n0_, m0_ = (torch.zeros(s, device=dev, dtype=F32) for s in ((BH, DQK, DV), (BH, DQK), (BH,)))
-        else:
-            C0_, n0_, m0_ = (t.to(F32).reshape(BH, *t.shape[2:]).contiguous() for t in (C0, n0, m0))
-
-        Cs = torch.empty(BH, NC, DQK, DV, device=dev, dtype=F32)
-        ns = torch.empty(BH, NC, DQK, device=dev, dtype=F32)
-        Ms = torch.empty(BH, NC + 1, device=dev, dtype=F32)
-        Cf, nf = torch.empty_like(C0_), torch.empty_like(n0_)
+        state0 = _initial_state(C0, n0, m0, g, dev)
         meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q.dtype)}
         tune = use_autotune(q)
-        launch("fwd_states", g.scan_grid(), (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, S, NC), meta, tune)
+        Cs, ns, Ms, Cf, nf = _scan_states(k_, v_, (b, u, ucm), state0, g, meta, tune)
 
         h = torch.empty(BH, S, DV, device=dev, dtype=q.dtype)
         den = torch.empty(BH, g.Sp, device=dev, dtype=F32)
@@ -91,8 +109,11 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         launch("fwd_out", g.chunk_grid("BV", DV), args, meta, tune)
 
         h = h.view(*g.shape_bnh, S, DV)
-        ctx.save_for_backward(q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h if exact else None)
-        ctx.meta = (chunk_size, eps, exact, C0 is not None, tuple(t.dtype for t in (q, k, v, i, f)))
+        # recomputing needs the initial C, n (one state); otherwise the states before every chunk are kept
+        saved_states = (state0[0], state0[1]) if recompute_states else (Cs, ns)
+        ctx.save_for_backward(q_, k_, v_, i, f, state0[2], *saved_states, Ms, Cf, nf, den, m_rows,
+                              h if exact else None)
+        ctx.meta = (chunk_size, eps, exact, C0 is not None, tuple(t.dtype for t in (q, k, v, i, f)), recompute_states)
         ctx.state_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
         ctx.set_materialize_grads(False)
         m_S = Ms[:, NC].clone().view(g.shape_bnh)
@@ -104,12 +125,16 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh, dC_S, dn_S, dm_S):
         q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h = ctx.saved_tensors
-        chunk_size, eps, exact, has_state, dtypes = ctx.meta
+        chunk_size, eps, exact, has_state, dtypes, recompute_states = ctx.meta
         BH, S, DQK = q_.shape
         DV = v_.shape[-1]
         g = _Geometry(q_.view(1, BH, S, DQK), v_.view(1, BH, S, DV), chunk_size)
         L, NC, dev = g.L, g.NC, q_.device
         ic, lf, b, u, ucm = _gate_vectors(i, f, L, NC)
+        meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q_.dtype)}
+        tune, scale = use_autotune(q_), DQK**-0.5
+        if recompute_states:  # Cs, ns hold the initial C, n: re-run kernel 1 (deterministic: the same states)
+            Cs, ns = _scan_states(k_, v_, (b, u, ucm), (Cs, ns, m0_), g, meta, tune)[:2]
 
         floor = normaliser_floor(m_rows)
         norm = torch.maximum(den.abs(), floor) + eps
@@ -128,8 +153,6 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         dC0 = torch.empty(BH, DQK, DV, device=dev, dtype=F32)
         dn0 = torch.empty(BH, DQK, device=dev, dtype=F32) if has_n else norm
         dden_arg = norm if dden is None else dden
-        meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q_.dtype)}
-        tune, scale = use_autotune(q_), DQK**-0.5
         flags = {"HAS_DCF": has_dcf, "HAS_DNF": has_dnf, "HAS_DDEN": exact}
         args = (q_, dh_, ucm, norm, dden_arg, Ms, dCf, dnf, dCs, dns, dC0, dn0, S, NC, scale)
         launch("bwd_states", g.scan_grid(), args, {**meta, **flags}, tune)
@@ -184,7 +207,7 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
                 dn0.view(*shape_bnh, DQK).to(n_dt) if has_n else None,
                 None if dm0 is None else dm0.view(shape_bnh).to(m_dt),
             )
-        return dq_t, dk_t, dv_t, di_t, df_t, *grads_state, None, None, None
+        return dq_t, dk_t, dv_t, di_t, df_t, *grads_state, None, None, None, None
 
 
 def mlstm_chunkwise_triton(
@@ -199,6 +222,7 @@ def mlstm_chunkwise_triton(
     return_final_state: bool = False,
     backward: Literal["exact", "constant"] = "constant",
     eps: float = 1e-6,
+    recompute_states: bool = True,
 ) -> Tensor | tuple[Tensor, MLSTMState]:
     """Triton chunkwise mLSTM with the contract of `xlstm_megatron.ops.mlstm.mlstm_chunkwise`.
 
@@ -207,6 +231,8 @@ def mlstm_chunkwise_triton(
     sizes (tiles are masked). Returns h (B, NH, S, DV) in q's dtype and, with `return_final_state`, the fp32 state
     after the last token. Accumulation and states are fp32; for fp32 inputs the dots are full fp32 (no TF32).
     `backward`: "constant" (normaliser and stabilisers held fixed, as TFLA / xLSTM 7B training) or "exact".
+    `recompute_states` (Triton only): backward re-runs the state scan instead of keeping the fp32 state before every
+    chunk (see the module docstring for the memory it saves).
     """
     check_shapes(q, k, v, i, f)
     if not (q.dtype == k.dtype == v.dtype):
@@ -223,5 +249,7 @@ def mlstm_chunkwise_triton(
     C0, n0, m0 = (None, None, None) if initial_state is None else initial_state
     # Triton launches on the current CUDA device (autograd's backward threads already run on the tensors' device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        h, C, n, m = _MLSTMChunkwiseTriton.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, backward == "exact")
+        h, C, n, m = _MLSTMChunkwiseTriton.apply(
+            q, k, v, i, f, C0, n0, m0, chunk_size, eps, backward == "exact", recompute_states
+        )
     return (h, (C, n, m)) if return_final_state else h
