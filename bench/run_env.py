@@ -1,5 +1,5 @@
 """Shared by the benchmarks: what a result records about where it ran (machine, versions, git commit, date), and
-CUDA-event timing."""
+timing on the device the benchmark runs on (CUDA events on a GPU, the wall clock on the CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,17 +58,24 @@ def run_env() -> dict:
     }
 
 
-def cuda_times_ms(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
-    """Wall times of `fn` on the GPU in ms (CUDA events, synchronised), after `warmup` untimed calls."""
+def device_times_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.device | str) -> list[float]:
+    """Times of `fn` in ms after `warmup` untimed calls: CUDA events (synchronised) on a GPU, else the wall clock."""
+    cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
