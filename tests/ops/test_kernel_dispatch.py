@@ -45,3 +45,27 @@ def test_config_refuses_triton_without_gpu():
 
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         make_xlstm_config("large", num_layers=1, hidden_size=64, num_attention_heads=2, mlstm_kernel="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_auto_runs_triton_and_falls_back_beyond_the_fused_slstm_head_size(monkeypatch):
+    import xlstm_megatron.ops.mlstm.triton as mlstm_triton
+    import xlstm_megatron.ops.slstm.triton as slstm_triton
+
+    calls: list[str] = []
+    for mod, name in ((mlstm_triton, "mlstm_chunkwise_triton"), (slstm_triton, "slstm_triton")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
+
+    args = [t.cuda() for t in _inputs()]
+    torch.testing.assert_close(mlstm_chunkwise_kernel(*args, kernel="auto", chunk_size=4),
+                               mlstm_chunkwise(*args, chunk_size=4), atol=1e-4, rtol=1e-4)
+    assert calls == ["mlstm_chunkwise_triton"]
+    for dh, fused in ((64, True), (slstm_triton.MAX_DH * 2, False)):
+        wx, r, b = torch.randn(1, 3, 2, 4, dh), torch.randn(2, dh, 4, dh) * dh**-0.5, torch.randn(2, 4, dh)
+        wx, r, b = wx.cuda(), r.cuda(), b.cuda()
+        calls.clear()
+        torch.testing.assert_close(slstm_kernel(wx, r, b, kernel="auto")[0], slstm(wx, r, b)[0], atol=1e-4, rtol=1e-4)
+        assert calls == (["slstm_triton"] if fused else [])
+    with pytest.raises(ValueError, match="head size <= 128"):
+        slstm_kernel(wx, r, b, kernel="triton")

@@ -120,7 +120,9 @@ class CheckpointParts:
         from xlstm_megatron.training.checkpoint import model_sharded_state
 
         with torch.device("meta"):
-            model = XLSTMModel(config, vocab_size, max_sequence_length=1, pre_process=True, post_process=True)
+            # the local spec's parameter names are the tensor map's; its checkpoint keys equal the TE spec's
+            model = XLSTMModel(config, vocab_size, max_sequence_length=1, pre_process=True, post_process=True,
+                               use_te=False)
         names = {id(p): n for n, p in model.named_parameters()}
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.state = model_sharded_state([model])

@@ -7,6 +7,7 @@ TransformerBlock and every mixer. Every check raises a one-line ValueError that 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -29,6 +30,16 @@ def _round_up(x: float, multiple: int) -> int:
 def _round_up_large(x: float, multiple: int) -> int:
     """xLSTM-Large's rounding, (x + multiple - 1) // multiple * multiple on a float: 2.6667 * 96 gives 256, not 320."""
     return int((x + multiple - 1) // multiple * multiple)
+
+
+@functools.cache
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine imports here (Megatron's TE extension module imports without it)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pattern_from_positions(num_layers: int, slstm_at: list[int] | tuple[int, ...]) -> str:
@@ -214,6 +225,8 @@ class XLSTMConfig(TransformerConfig):
             raise ValueError(f"slstm_forget_gate={self.slstm_forget_gate!r} is unknown; use 'sigmoid' or 'exp'")
         if self.mlstm_chunk_size < 1:
             raise ValueError(f"mlstm_chunk_size={self.mlstm_chunk_size} must be >= 1")
+        if self.fp8:
+            self.validate_fp8()
         pp = self.pipeline_model_parallel_size
         if pp > 1 and self.pipeline_model_parallel_layout is None and self.num_layers_in_first_pipeline_stage is None \
                 and self.num_layers_in_last_pipeline_stage is None:
@@ -223,6 +236,50 @@ class XLSTMConfig(TransformerConfig):
                     f"num_layers={self.num_layers} cannot be split evenly over pipeline_model_parallel_size={pp}"
                     f" x virtual stages={vp}; change num_layers or use num_layers_in_first/last_pipeline_stage"
                 )
+
+    def fp8_gemm_shapes(self) -> dict[str, tuple[int, int]]:
+        """(rows, columns) on one TP rank of every weight that runs as an FP8 GEMM (the TE linears of the xLSTM
+        layers; the cells, norms, v1's block-diagonal q/k/v and gate projections and the sLSTM stay in bf16)."""
+        tp, E, ff = self.tensor_model_parallel_size, self.hidden_size, self.ffn_hidden_size
+        shapes: dict[str, tuple[int, int]] = {}
+        pattern = self.layer_pattern
+        if "m" in pattern and self.xlstm_block == "large":
+            nh = self.num_attention_heads // tp
+            qk, v = self.mlstm_qk_width // self.num_attention_heads, self.mlstm_v_width // self.num_attention_heads
+            shapes["mLSTM in_proj"] = (nh * (2 * qk + 2 * v + 2), E)
+            shapes["mLSTM out_proj"] = (E, nh * v)
+        elif "m" in pattern:
+            inner = self.mlstm_inner_size // tp
+            shapes["mLSTM in_proj"] = (2 * inner, E)
+            shapes["mLSTM out_proj"] = (E, inner)
+        if self.xlstm_block == "large" or "s" in pattern:
+            shapes["MLP linear_fc1"] = (2 * ff // tp, E)
+            shapes["MLP linear_fc2"] = (E, ff // tp)
+        return shapes
+
+    def validate_fp8(self) -> None:
+        """FP8 runs in Transformer Engine's linears, whose FP8 GEMMs need weight rows divisible by 8 and columns by 16
+        (both by 32 for MXFP8's blocks)."""
+        if self.fp8 not in ("e4m3", "hybrid"):
+            raise ValueError(f"fp8={self.fp8!r} is unknown; use 'e4m3' or 'hybrid' (e4m3 forward, e5m2 gradients)")
+        rows_div, cols_div = (32, 32) if self.fp8_recipe == "mxfp8" else (8, 16)
+        for name, (rows, cols) in self.fp8_gemm_shapes().items():
+            if rows % rows_div or cols % cols_div:
+                raise ValueError(
+                    f"fp8: the {name} weight is {rows} x {cols} per TP rank, but FP8 GEMMs ({self.fp8_recipe} recipe) "
+                    f"need rows divisible by {rows_div} and columns by {cols_div}; change hidden_size, the head sizes "
+                    "or tensor_model_parallel_size, or drop fp8"
+                )
+        if self.transformer_impl != "transformer_engine":
+            raise ValueError(
+                f"fp8 runs in Transformer Engine linears, but transformer_impl={self.transformer_impl!r}; "
+                "set transformer_impl='transformer_engine' or drop fp8"
+            )
+        if not have_transformer_engine():
+            raise ValueError(
+                "fp8 needs Transformer Engine, which does not import here; install it (pip install "
+                "'xlstm-megatron[te]') or drop fp8"
+            )
 
 
 _FIELD_NAMES = {f.name for f in fields(XLSTMConfig)}

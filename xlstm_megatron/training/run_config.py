@@ -100,7 +100,7 @@ MODEL_FLAGS = (
     "xlstm_block", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "xlstm_pattern",
     "slstm_num_heads", "mlstm_chunk_size", "mlstm_backward", "gate_soft_cap", "output_logit_soft_cap",
     "mlstm_qk_dim_factor", "mlstm_v_dim_factor", "mlstm_proj_factor", "ffn_proj_factor", "slstm_forget_gate",
-    "conv_kernel_size",
+    "conv_kernel_size", "mlstm_kernel", "slstm_kernel", "transformer_impl", "fp8", "fp8_recipe",
 )
 MODEL_ONLY_KEYS = {"slstm_at"}  # convenience: the paper's sLSTM positions instead of a pattern string
 
