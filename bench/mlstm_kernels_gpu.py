@@ -208,6 +208,9 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU (use --dry-run to see the plan)")
 
     dtype, rows = DTYPES[args.dtype], []
+    result = {"machine": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         block = [bench_one(name, fn, shape, dtype, args.device, args.warmup, args.reps) for name, fn in impls.items()]
         base = next((r for r in block if r["impl"].startswith("ours triton") and "error" not in r), None)
@@ -216,13 +219,10 @@ def main() -> None:
                 r["ratio_vs_ours"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
         rows += block
         _print_rows(block)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every shape: a cut-off run keeps its rows
     print(f"\nall rows (dtype {args.dtype}, median of {args.reps}; vs ours = fwd+bwd time / first ours-triton; "
           f"h err = max |h - fp32 torch| / max(1, max |h|))")
     _print_rows(rows)
-    result = {"machine": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -131,6 +131,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (use --dry-run to see the plan)")
     dtype, dev, rows = DTYPES[args.dtype], args.device, []
+    result = {"env": run_env(), "dtype": args.dtype, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         mlstm_ms = _mlstm_reference_ms(**shape, dtype=dtype, device=dev, warmup=args.warmup, reps=args.reps)
         for name, fn in impls.items():
@@ -150,8 +152,7 @@ def main() -> None:
             if "y_err_vs_fp32_torch" in row:
                 timing += f"  y err {row['y_err_vs_fp32_torch']:.1e}"
             print(f"{name:14s} B{shape['B']} S{shape['S']} NH{shape['NH']} DH{shape['DH']}: {timing}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"env": run_env(), "dtype": args.dtype, "rows": rows}, indent=1))
+            args.out.write_text(json.dumps(result, indent=1))  # after every row: a cut-off run keeps its rows
     print(f"wrote {args.out}")
 
 

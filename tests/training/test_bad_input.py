@@ -37,7 +37,8 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
      "corpus_text_document"),
     (MODEL, TRAIN, ("--tensor-model-parallel-size", "2", "--nproc", "3"), "multiple of 2"),
     ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
-    (MODEL, {**TRAIN, "seq_length": 15}, ("--fp8", "hybrid"), "seq_length x micro_batch_size (15 x 2) divisible by 8"),
+    (MODEL, {**TRAIN, "seq_length": 15}, ("--fp8", "hybrid"),
+     "tokens per rank (sequence 15 x micro batch 2) divisible by 8"),
     (MODEL, TRAIN, ("--fp8", "hybrid", "--transformer-impl", "local"), "set transformer_impl='transformer_engine'"),
 ])
 def test_bad_config_and_data_fail_fast(tmp_path, model, train, flags, match):

@@ -227,6 +227,9 @@ class XLSTMConfig(TransformerConfig):
             raise ValueError(f"mlstm_chunk_size={self.mlstm_chunk_size} must be >= 1")
         if self.fp8:
             self.validate_fp8()
+        if self.tp_comm_overlap:
+            # TE's userbuffer overlap knows only Megatron's own layers' buffers (qkv, proj, fc1, fc2)
+            raise ValueError("tp_comm_overlap is not supported by the xLSTM mixers; drop tp_comm_overlap")
         pp = self.pipeline_model_parallel_size
         if pp > 1 and self.pipeline_model_parallel_layout is None and self.num_layers_in_first_pipeline_stage is None \
                 and self.num_layers_in_last_pipeline_stage is None:

@@ -173,12 +173,25 @@ def check_architecture(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
     return common
 
 
+def _load(request: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`dist_checkpointing.load`, with a one-line error naming the first tensor the checkpoint lacks (instead of the
+    storage layer's traceback mid-load)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, absent = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    if absent:
+        raise ConfigError(
+            f"checkpoint {path} lacks {len(absent)} tensors this model needs (e.g. {sorted(absent)[0]!r}); it was "
+            "saved for another model layout or by an older xlstm-megatron: load a matching checkpoint"
+        )
+    return loaded
+
+
 @torch.no_grad()
 def load_model_weights(path: Path, model: list[torch.nn.Module]) -> None:
     """Load only the model chunks of any of our checkpoints (full or weights-only), resharded to this layout."""
-    from megatron.core import dist_checkpointing
-
-    loaded = dist_checkpointing.load(model_sharded_state(model), str(path))
+    loaded = _load(model_sharded_state(model), path)
     for i, chunk in enumerate(model):
         chunk.load_state_dict(loaded[_model_key(model, i)])
 
@@ -190,7 +203,6 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load model, optimizer and scheduler in place; returns the common state (iteration, extra). A weights-only
     checkpoint loads the model, refreshes the optimizer's copies of the parameters and keeps the fresh schedule."""
-    from megatron.core import dist_checkpointing
 
     common = check_architecture(path, arch)
     if common.get("weights_only"):
@@ -198,7 +210,7 @@ def load_checkpoint(
         optimizer.reload_model_params()  # fp32 main params / distributed-optimizer shards were copied at build time
         return common
     metadata = _metadata(use_distributed_optimizer)
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, metadata, is_loading=True), str(path))
+    loaded = _load(_sharded_state(model, optimizer, metadata, is_loading=True), path)
     for i, chunk in enumerate(model):
         chunk.load_state_dict(loaded[_model_key(model, i)])
     optimizer.load_state_dict(loaded["optimizer"])

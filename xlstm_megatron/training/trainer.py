@@ -55,11 +55,15 @@ def build_model_config(model_kwargs: dict[str, Any], run: RunConfig) -> XLSTMCon
         if run.bf16:
             raise ConfigError("bf16 training needs a GPU; drop --bf16 on CPU")
         layout.update(cpu_config_overrides())
-    if kwargs.get("fp8") and (run.seq_length * run.micro_batch_size) % 8:
-        raise ConfigError(
-            f"fp8: FP8 GEMMs need seq_length x micro_batch_size ({run.seq_length} x {run.micro_batch_size}) divisible "
-            "by 8; change either or drop fp8"
-        )
+    if kwargs.get("fp8"):
+        # TE checks each rank's GEMM input: the sequence shard under sequence parallelism (before its all-gather)
+        seq = run.seq_length // run.tensor_model_parallel_size if layout["sequence_parallel"] else run.seq_length
+        div = 32 if kwargs.get("fp8_recipe") == "mxfp8" else 8
+        if (seq * run.micro_batch_size) % div:
+            raise ConfigError(
+                f"fp8: FP8 GEMMs need the tokens per rank (sequence {seq} x micro batch {run.micro_batch_size}) "
+                f"divisible by {div}; change seq_length or micro_batch_size, or drop fp8"
+            )
     try:
         return make_xlstm_config(block, **kwargs, **layout)
     except (ValueError, AssertionError) as e:  # Megatron's own config checks are assertions
