@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import run_env, write_result  # noqa: E402
 from xlstm_megatron.convert.hf_config import HF_DEFAULTS, hf_sizes  # noqa: E402
 from xlstm_megatron.convert.hf_files import write_safetensors  # noqa: E402
 from xlstm_megatron.convert.large_map import large_tensor_map  # noqa: E402
@@ -121,7 +121,7 @@ def main() -> None:
     result = dict(dtype=args.dtype, runs=runs, baseline_process_gib=baseline / gib, weight_gib_7b=big / gib,
                   fits=fits, env=run_env())
     out = REPO / "bench" / "results" / f"convert_memory{'_quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out, result)
     print(f"wrote {out}")
 
 

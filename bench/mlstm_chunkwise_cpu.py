@@ -10,7 +10,6 @@ Writes bench/results/mlstm_chunkwise_cpu.json.
 """
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -30,7 +29,7 @@ from mlstm_kernels.torch.chunkwise.native import (  # noqa: E402
     mlstm_chunkwise__native_custbw,
 )
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import run_env, write_result  # noqa: E402
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise  # noqa: E402
 
 IMPLS: dict[str, Callable] = {
@@ -200,8 +199,7 @@ def main() -> None:
         "comparison": comparison,
         "vs_sequence_length": lengths,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\nwrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
 
 

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import device_times_ms, run_env  # noqa: E402
+from bench.run_env import device_times_ms, run_env, write_result  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_HEADS = ["8x256x512", "16x128x256"]
@@ -210,7 +210,6 @@ def main() -> None:
     dtype, rows = DTYPES[args.dtype], []
     result = {"machine": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         block = [bench_one(name, fn, shape, dtype, args.device, args.warmup, args.reps) for name, fn in impls.items()]
         base = next((r for r in block if r["impl"].startswith("ours triton") and "error" not in r), None)
@@ -219,7 +218,7 @@ def main() -> None:
                 r["ratio_vs_ours"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
         rows += block
         _print_rows(block)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every shape: a cut-off run keeps its rows
+        write_result(args.out, result)  # after every shape: a cut-off run keeps its rows
     print(f"\nall rows (dtype {args.dtype}, median of {args.reps}; vs ours = fwd+bwd time / first ours-triton; "
           f"h err = max |h - fp32 torch| / max(1, max |h|))")
     _print_rows(rows)

@@ -1,10 +1,11 @@
-"""Shared by the benchmarks: what a result records about where it ran (machine, versions, git commit, date), and
-timing on the device the benchmark runs on (CUDA events on a GPU, the wall clock on the CPU)."""
+"""Shared by the benchmarks: what a result records about where it ran (machine, versions, git commit, date), timing
+on the device the benchmark runs on (CUDA events on a GPU, the wall clock on the CPU), and writing the result."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -79,3 +80,9 @@ def device_times_ms(fn: Callable[[], object], warmup: int, reps: int, device: to
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a benchmark's JSON result (creating its folder); benches that measure in stages call it after each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")

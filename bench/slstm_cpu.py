@@ -10,7 +10,6 @@ bench/results/slstm_cpu.json.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig  # noqa: E402
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import run_env, write_result  # noqa: E402
 from xlstm_megatron.ops.slstm import slstm, slstm_reference  # noqa: E402
 
 FULL_SHAPES = [(8, 256, 4, 64), (4, 512, 4, 32), (16, 128, 4, 128)]  # (B, S, NH, DH)
@@ -119,8 +118,7 @@ def main() -> None:
         "machine": run_env(),
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
 
 

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import device_times_ms, run_env  # noqa: E402
+from bench.run_env import device_times_ms, run_env, write_result  # noqa: E402
 
 DEFAULT_SHAPES = ["8x2048x4x192", "8x2048x4x256", "4x2048x4x384", "16x1024x8x64"]  # B x S x NH x DH
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -132,7 +132,6 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU (use --dry-run to see the plan)")
     dtype, dev, rows = DTYPES[args.dtype], args.device, []
     result = {"env": run_env(), "dtype": args.dtype, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         mlstm_ms = _mlstm_reference_ms(**shape, dtype=dtype, device=dev, warmup=args.warmup, reps=args.reps)
         for name, fn in impls.items():
@@ -152,7 +151,7 @@ def main() -> None:
             if "y_err_vs_fp32_torch" in row:
                 timing += f"  y err {row['y_err_vs_fp32_torch']:.1e}"
             print(f"{name:14s} B{shape['B']} S{shape['S']} NH{shape['NH']} DH{shape['DH']}: {timing}")
-            args.out.write_text(json.dumps(result, indent=1))  # after every row: a cut-off run keeps its rows
+            write_result(args.out, result)  # after every row: a cut-off run keeps its rows
     print(f"wrote {args.out}")
 
 

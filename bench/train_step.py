@@ -11,7 +11,6 @@ Prints one line per config and writes JSON (run environment, config, per-step ti
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_env import run_env  # noqa: E402
+from bench.run_env import run_env, write_result  # noqa: E402
 
 
 def _worker(model_kwargs: dict, run, steps: int, warmup: int, out: str) -> None:
@@ -65,8 +64,7 @@ def _worker(model_kwargs: dict, run, steps: int, warmup: int, out: str) -> None:
         }
         print(f"{model_kwargs.get('xlstm_block')} {state.config.layer_pattern[:24]} world={world} "
               f"tokens/s={tokens / step_s:,.0f} TFLOP/s/device={tflops:.4g} MFU={result['mfu']}")
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_result(Path(out), result)
     shutdown_worker()
 
 

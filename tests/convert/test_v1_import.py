@@ -12,32 +12,15 @@ import yaml
 
 from tests.convert.hf_models import convert, full_logits, trainer_state
 from tests.megatron.dist import run_distributed
+from tests.models.helpers import official_v1_model
 
 SEQ, VOCAB = 12, 40
 
 
 def _official(E: int, NHm: int, NHs: int, pattern: str, seed: int):
-    from xlstm import (
-        FeedForwardConfig,
-        mLSTMBlockConfig,
-        mLSTMLayerConfig,
-        sLSTMBlockConfig,
-        sLSTMLayerConfig,
-        xLSTMLMModel,
-        xLSTMLMModelConfig,
-    )
-
     torch.manual_seed(seed)
-    config = xLSTMLMModelConfig(
-        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=NHm)),
-        slstm_block=sLSTMBlockConfig(
-            slstm=sLSTMLayerConfig(backend="vanilla", num_heads=NHs, conv1d_kernel_size=4),
-            feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
-        ),
-        context_length=SEQ, num_blocks=len(pattern), embedding_dim=E, vocab_size=VOCAB,
-        slstm_at=[i for i, c in enumerate(pattern) if c == "s"],
-    )
-    model = xLSTMLMModel(config).eval()
+    model, config = official_v1_model(E, NHm, NHs, pattern, SEQ, VOCAB)
+    model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

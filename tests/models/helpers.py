@@ -96,3 +96,29 @@ def randomize_tp_invariant(model: torch.nn.Module, seed: int, std: float = 0.3) 
                 shape[dim] = size * tp
                 local.append(torch.randn(shape, generator=g).mul_(std).chunk(tp, dim=dim)[rank])
             p.copy_(torch.cat(local, dim=dim))
+
+
+def official_v1_model(E: int, NHm: int, NHs: int, pattern: str, context_length: int, vocab_size: int) -> tuple:
+    """(model, config): the official `xlstm` v1 `xLSTMLMModel` for a pattern of 'm'/'s' blocks, with the settings the
+    v1 tests compare against (conv 4, q/k/v blocks of 4, vanilla sLSTM, GELU FFN x1.3). Weights as `xlstm` inits them
+    under the caller's seed."""
+    from xlstm import (
+        FeedForwardConfig,
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMLMModel,
+        xLSTMLMModelConfig,
+    )
+
+    config = xLSTMLMModelConfig(
+        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=NHm)),
+        slstm_block=sLSTMBlockConfig(
+            slstm=sLSTMLayerConfig(backend="vanilla", num_heads=NHs, conv1d_kernel_size=4),
+            feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
+        ),
+        context_length=context_length, num_blocks=len(pattern), embedding_dim=E, vocab_size=vocab_size,
+        slstm_at=[i for i, c in enumerate(pattern) if c == "s"],
+    )
+    return xLSTMLMModel(config), config

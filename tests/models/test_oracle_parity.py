@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.megatron.dist import run_distributed
-from tests.models.helpers import build_model, tiny_config
+from tests.models.helpers import build_model, official_v1_model, tiny_config
 from xlstm_megatron.convert.official import large_to_megatron, v1_to_megatron
 
 
@@ -75,26 +75,8 @@ V1_CASES = [
 
 @pytest.mark.parametrize("E,NHm,NHs,pattern,S,V", V1_CASES)
 def test_v1_stack_matches_official_xlstm(E, NHm, NHs, pattern, S, V):
-    from xlstm import (
-        FeedForwardConfig,
-        mLSTMBlockConfig,
-        mLSTMLayerConfig,
-        sLSTMBlockConfig,
-        sLSTMLayerConfig,
-        xLSTMLMModel,
-        xLSTMLMModelConfig,
-    )
-
     torch.manual_seed(E + S)
-    slstm_at = [i for i, c in enumerate(pattern) if c == "s"]
-    official = xLSTMLMModel(xLSTMLMModelConfig(
-        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=NHm)),
-        slstm_block=sLSTMBlockConfig(
-            slstm=sLSTMLayerConfig(backend="vanilla", num_heads=NHs, conv1d_kernel_size=4),
-            feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
-        ),
-        context_length=S, num_blocks=len(pattern), embedding_dim=E, slstm_at=slstm_at, vocab_size=V,
-    ))
+    official, _ = official_v1_model(E, NHm, NHs, pattern, S, V)
     _randomize(official, seed=E + len(pattern))
     tokens = torch.randint(0, V, (2, S))
     labels = torch.randint(0, V, (2, S))

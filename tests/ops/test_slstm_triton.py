@@ -9,14 +9,18 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ops.triton_interpreter import raised_types, run_worker_in_interpreter
+from tests.ops.triton_interpreter import (
+    assert_compiles_ahead_of_time,
+    assert_guarded_without_triton,
+    raised_types,
+    run_worker_in_interpreter,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -137,23 +141,8 @@ def test_interpreter_rejects_bad_inputs(interpreter_results):
     }
 
 
-GUARD_SCRIPT = r"""
-import sys
-import xlstm_megatron.ops
-assert "xlstm_megatron.ops.slstm.triton" not in sys.modules, "the torch path must not import the Triton package"
-sys.modules["triton"] = None  # triton not installed
-from xlstm_megatron.ops.slstm.triton import TRITON_AVAILABLE, slstm_triton
-assert not TRITON_AVAILABLE
-try:
-    slstm_triton()
-except ImportError:
-    print("guarded")
-"""
-
-
 def test_package_imports_without_triton_and_stays_off_the_torch_path():
-    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0 and "guarded" in proc.stdout, proc.stderr[-4000:]
+    assert_guarded_without_triton("xlstm_megatron.ops.slstm.triton", "slstm_triton")
 
 
 AOT_SCRIPT = r"""
@@ -176,12 +165,7 @@ print("compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_gpu_targets():
     """Ahead-of-time compilation to sm_90 cubins (needs only ptxas, shipped with triton)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas available for ahead-of-time compilation")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    assert_compiles_ahead_of_time(AOT_SCRIPT)
 
 
 GPU_CASES = [  # (B, S, NH, DH, dtype, forget_gate, tolerance)

@@ -1,6 +1,6 @@
 """Shared by the Triton kernel tests: run a test module's cases in a subprocess under `TRITON_INTERPRET=1` (the
-variable must be set before triton is imported, so the rest of the suite stays unaffected), and record which
-exception type each bad call raises."""
+variable must be set before triton is imported, so the rest of the suite stays unaffected), record which exception
+type each bad call raises, check the import guard without triton, and compile kernels ahead of time."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,3 +36,36 @@ def raised_types(calls: dict[str, Callable[[], object]]) -> dict[str, str | None
         except Exception as exc:  # noqa: BLE001 - the type is the result
             out[name] = type(exc).__name__
     return out
+
+
+_GUARD_SCRIPT = r"""
+import sys
+import xlstm_megatron.ops
+assert "{package}" not in sys.modules, "the torch path must not import the Triton package"
+sys.modules["triton"] = None  # triton not installed
+from {package} import TRITON_AVAILABLE, {function}
+assert not TRITON_AVAILABLE
+try:
+    {function}()
+except ImportError:
+    print("guarded")
+"""
+
+
+def assert_guarded_without_triton(package: str, function: str) -> None:
+    """`import xlstm_megatron.ops` leaves the Triton `package` unimported, and without triton the package imports
+    with TRITON_AVAILABLE false and `function` raises ImportError."""
+    script = _GUARD_SCRIPT.format(package=package, function=function)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "guarded" in proc.stdout, proc.stderr[-4000:]
+
+
+def assert_compiles_ahead_of_time(script: str) -> None:
+    """Runs `script` (which compiles kernels for a GPU target and prints "compiled") without the interpreter; skips
+    where no ptxas is available."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas available for ahead-of-time compilation")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
