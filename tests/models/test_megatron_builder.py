@@ -1,8 +1,10 @@
-"""Our spec through Megatron's own path: argument parsing -> gpt_config_from_args -> GPTModelBuilder, no script."""
+"""Our spec through Megatron's own path: `parse_xlstm_args` (Megatron's parser, the family applied) ->
+`validate_args` -> gpt_config_from_args -> GPTModelBuilder, no script."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import io
 
 import pytest
 import torch
@@ -12,28 +14,35 @@ from tests.megatron.dist import run_distributed
 ARGV = [
     "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
     "--max-position-embeddings", "16", "--micro-batch-size", "2", "--vocab-size", "100",
-    "--spec", "xlstm_megatron.layers.specs", "xlstm_block_spec", "--position-embedding-type", "none",
+    "--spec", "xlstm_megatron.layers.specs", "xlstm_block_spec",  # norms, biases, dropout, ...: the family's
     "--transformer-impl", "local", "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
-    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--untie-embeddings-and-output-weights",
     "--xlstm-block", "v1", "--xlstm-pattern", "msm", "--slstm-num-heads", "2", "--mlstm-chunk-size", "8",
 ]
+
+
+def _validated(argv: list[str]):
+    from megatron.training.arguments import validate_args
+
+    from xlstm_megatron.runs.args import parse_xlstm_args
+
+    args, warnings = parse_xlstm_args(argv)
+    assert warnings == []
+    with contextlib.redirect_stdout(io.StringIO()):
+        validate_args(args, {})
+    return args
 
 
 def _build_through_megatron(argv: list[str]):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+    from megatron.training.arguments import core_transformer_config_from_args
     from megatron.training.models.gpt import GPTModelBuilder
 
     from xlstm_megatron.layers.config import XLSTMConfig
     from xlstm_megatron.layers.mlstm_v1 import MLSTMV1Mixer
     from xlstm_megatron.layers.slstm_v1 import SLSTMMixer
-    from xlstm_megatron.training.arguments import add_xlstm_args
 
-    sys.argv = ["pretrain_xlstm.py", *argv]
-    args = parse_args(extra_args_provider=add_xlstm_args)
-    validate_args(args)
+    args = _validated(argv)
     config = core_transformer_config_from_args(args, config_class=XLSTMConfig)
     model_config = gpt_config_from_args(args, config=config)
     model = GPTModelBuilder(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())
@@ -57,14 +66,10 @@ def test_spec_builds_through_megatron_training_builder():
 def _build_plain_config(argv: list[str]):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.arguments import parse_args, validate_args
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from xlstm_megatron.training.arguments import add_xlstm_args
 
-    sys.argv = ["pretrain_gpt.py", *argv]
-    args = parse_args(extra_args_provider=add_xlstm_args)
-    validate_args(args)
+    args = _validated(argv)
     GPTModelBuilder(gpt_config_from_args(args)).build_model(ProcessGroupCollection.use_mpu_process_groups())
 
 
@@ -76,16 +81,13 @@ def test_spec_with_plain_transformer_config_names_the_fix():
 def _build_with_xlstm_builder(argv: list[str]):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+    from megatron.training.arguments import core_transformer_config_from_args
 
     from xlstm_megatron.layers.config import XLSTMConfig
     from xlstm_megatron.models.builder import XLSTMModelConfig
     from xlstm_megatron.models.xlstm_model import XLSTMModel
-    from xlstm_megatron.training.arguments import add_xlstm_args
 
-    sys.argv = ["pretrain_xlstm.py", *argv]
-    args = parse_args(extra_args_provider=add_xlstm_args)
-    validate_args(args)
+    args = _validated(argv)
     config = core_transformer_config_from_args(args, config_class=XLSTMConfig)
     model_config = gpt_config_from_args(args, config=config, model_config_cls=XLSTMModelConfig)
     model = model_config.get_builder_cls()(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())

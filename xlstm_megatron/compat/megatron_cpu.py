@@ -112,6 +112,18 @@ def cpu_config_overrides() -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def megatron_cpu_context() -> Iterator[None]:
+    """Installs the shims and maps CUDA device literals to CPU for the whole block (Megatron's training loop is full
+    of them). A no-op with CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    enable_megatron_cpu_compat()
+    with _CudaToCpuMode(spoof_type_names=False):
+        yield
+
+
 def is_cpu_compat_active() -> bool:
     """True once ``enable_megatron_cpu_compat()`` installed the shims in this process (never when CUDA exists)."""
     return _ACTIVE
@@ -130,6 +142,10 @@ def enable_megatron_cpu_compat() -> None:
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
     torch.cuda.current_stream = _null_current_stream
+    torch.cuda.Stream = _NullStreamClass  # type: ignore[misc]
+    torch.cuda.stream = _null_stream_context
+    torch.cuda.get_rng_state = _get_cpu_rng_state  # checkpoints save and restore the "CUDA" RNG next to the CPU one
+    torch.cuda.set_rng_state = _set_cpu_rng_state
     for module, qualname in _DEVICE_SHIMS:
         _wrap_target(module, qualname, spoof_type_names=False)
     for module, qualname in _TYPE_NAME_SHIMS:
@@ -153,7 +169,6 @@ def model_parallel_manual_seed(seed: int) -> None:
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel import random as rng
 
     seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
@@ -161,6 +176,14 @@ def model_parallel_manual_seed(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     enable_megatron_cpu_compat()
+    _install_cpu_rng_tracker(seed)
+
+
+def _install_cpu_rng_tracker(seed: int) -> None:
+    """Megatron's named RNG streams (data-, model- and expert-parallel) on the CPU generator, seeded as upstream."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as rng
+
     tracker = _cpu_tracker_class()()
     rng._CUDA_RNG_STATE_TRACKER = tracker
     rng._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
@@ -199,6 +222,17 @@ class _NullStream:
 
 
 _NULL_STREAM = _NullStream()
+
+
+class _NullStreamClass(_NullStream):
+    """What ``torch.cuda.Stream()`` builds on CPU (Megatron makes side streams for DDP set-up and overlap)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _null_stream_context(stream: Any = None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _null_current_stream(device: Any = None) -> _NullStream:
@@ -323,3 +357,60 @@ def _cpu_tracker_class() -> type:
                 torch.set_rng_state(orig)
 
     return CpuRNGStatesTracker
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# megatron.training (the pretrain() loop)
+
+_TRAINING_SHIMS_ACTIVE = False
+
+
+def _enable_training_shims() -> None:
+    """Wrap the three ``megatron.training.initialize`` steps that assume a GPU (section 4 of patches/README.md)."""
+    global _TRAINING_SHIMS_ACTIVE
+    if _TRAINING_SHIMS_ACTIVE:
+        return
+    init = importlib.import_module("megatron.training.initialize")
+    original_init, original_dist, original_seed = (
+        init.initialize_megatron, init._initialize_distributed, init._set_random_seed
+    )
+
+    @functools.wraps(original_init)
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True  # it asserts CUDA otherwise
+        return original_init(*args, **kwargs)
+
+    @functools.wraps(original_dist)
+    def initialize_distributed(*args: Any, **kwargs: Any) -> Any:
+        # Without a GPU it joins the process group but skips model-parallel initialisation (`device_count() > 0`);
+        # a second call, with the group already joined, runs Megatron's own initialize_model_parallel call.
+        original_dist(*args, **kwargs)
+        device_count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original_dist(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = device_count
+
+    @functools.wraps(original_seed)
+    def set_random_seed(seed_: int, data_parallel_random_init: bool = False, *args: Any, **kwargs: Any) -> None:
+        # Megatron seeds its model-parallel RNG streams only when a GPU exists; add them on the CPU generator with
+        # the seed Megatron would use (offset by pipeline rank, and by data-parallel rank if asked).
+        from megatron.core import parallel_state as ps
+
+        original_seed(seed_, data_parallel_random_init, *args, **kwargs)
+        seed = seed_ + 100 * ps.get_pipeline_model_parallel_rank()
+        if data_parallel_random_init:
+            seed += 10 * ps.get_data_parallel_rank()
+        _install_cpu_rng_tracker(seed)
+
+    # validate_args asks the GPU architecture (e.g. whether TP needs CUDA_DEVICE_MAX_CONNECTIONS=1): none here
+    utils = importlib.import_module("megatron.training.utils.common_utils")
+    _replace_everywhere(utils, "get_device_arch_version", lambda: 0)
+    # JIT warm-up of the GPU fusions: on CPU it would only draw from the CPU generator (its dropout calls), with
+    # TP/SP-dependent shapes, so initial weights would depend on the layout
+    _replace_everywhere(init, "_warmup_jit_function", lambda tp_size=None: None)
+    _replace_everywhere(init, "initialize_megatron", initialize_megatron)
+    _replace_everywhere(init, "_initialize_distributed", initialize_distributed)
+    _replace_everywhere(init, "_set_random_seed", set_random_seed)
+    _TRAINING_SHIMS_ACTIVE = True

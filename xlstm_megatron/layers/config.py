@@ -123,6 +123,10 @@ class XLSTMConfig(TransformerConfig):
     """eps of the per-head output norm. Family default (1e-6 / 1e-5)."""
     slstm_forget_gate: Literal["sigmoid", "exp"] = "sigmoid"
 
+    init_method_std: float | None = None
+    """Std of the input-side projections and the embedding (TransformerConfig's field, redeclared so that "not given"
+    is visible): None takes the official small-init std sqrt(2 / (5 hidden_size)); a number is kept as given."""
+
     def __post_init__(self) -> None:
         if self.xlstm_block not in XLSTM_FAMILY_DEFAULTS:
             raise ValueError(f"xlstm_block={self.xlstm_block!r} is unknown; use 'large' or 'v1'")
@@ -132,6 +136,9 @@ class XLSTMConfig(TransformerConfig):
         if self.ffn_activation not in FFN_ACTIVATIONS:
             raise ValueError(f"ffn_activation={self.ffn_activation!r} is unknown; use one of {sorted(FFN_ACTIVATIONS)}")
         self.gated_linear_unit, self.activation_func = True, FFN_ACTIVATIONS[self.ffn_activation]
+        if self.ffn_activation == "gelu":
+            # Megatron's fused bias-GELU/GEGLU kernels use the tanh approximation; the family's GELU is exact.
+            self.bias_activation_fusion = False
         # Per-layer checkpoint keys: Megatron otherwise stacks same-named layer tensors along a layer axis, which
         # breaks for mixed mLSTM/sLSTM stacks whose mixers share parameter names with different shapes.
         self.hetereogenous_dist_checkpoint = True
@@ -139,8 +146,9 @@ class XLSTMConfig(TransformerConfig):
             round_up = _round_up_large if self.xlstm_block == "large" else _round_up
             self.ffn_hidden_size = round_up(self.ffn_proj_factor * self.hidden_size, 64)
         # Official inits: small-init for input-side projections and embeddings, Wang-init for output projections.
-        if self.init_method is None:
+        if self.init_method_std is None:
             self.init_method_std = small_init_std(self.hidden_size)
+        if self.init_method is None:
             self.init_method = normal_init_method(self.init_method_std)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = normal_init_method(wang_init_std(self.hidden_size, self.num_layers))

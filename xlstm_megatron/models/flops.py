@@ -58,3 +58,20 @@ def forward_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: in
 
 def train_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: int) -> int:
     return 3 * forward_flops_per_token(config, vocab_size, seq_length)
+
+
+# Dense peak TFLOP/s per device (bf16, fp32 without TF32) from the vendors' data sheets, for MFU.
+PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "B200": (2250.0, 80.0)}
+
+
+def peak_tflops_per_device(bf16: bool) -> float | None:
+    """The peak of this process's GPU, or None where unknown (CPU, other GPUs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (half, single) in PEAK_TFLOPS.items():
+        if key in name:
+            return half if bf16 else single
+    return None

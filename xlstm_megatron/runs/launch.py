@@ -1,14 +1,15 @@
-"""Process start-up: torchrun / Slurm environments, or an embedded launcher for `--nproc N` on one machine.
-
-The same worker code runs in all three cases: it joins the process group (NCCL with GPUs, gloo on CPU), installs
-Megatron's CPU shims when CUDA is absent and initialises Megatron's parallel state.
+"""Process start-up shared by every command: torchrun / Slurm environments, an embedded launcher for `--nproc N`
+on one machine, and joining a process group with Megatron's parallel state for the commands that do not go through
+Megatron's `pretrain()` (generation, conversion, benchmarks).
 """
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xlstm_megatron.training.run_config import ConfigError, RunConfig
+from xlstm_megatron.runs.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,27 +37,9 @@ def launch_env() -> LaunchEnv:
         env.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in env:
             raise ConfigError("under srun set MASTER_ADDR (e.g. the first host of `scontrol show hostnames`)")
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), True)
     return LaunchEnv(0, 1, 0, False)
-
-
-def check_world(run: RunConfig, world_size: int) -> None:
-    """Every layout check that needs the world size, before any process group exists."""
-    from xlstm_megatron.training.batches import num_microbatches
-
-    tp, pp = run.tensor_model_parallel_size, run.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"{world_size} processes cannot hold TP={tp} x PP={pp}; use a multiple of {tp * pp} processes (--nproc)"
-        )
-    n = num_microbatches(run, world_size // (tp * pp))  # also checks the global batch divides
-    if run.sequence_parallel and tp > 1 and run.seq_length % tp:
-        raise ConfigError(f"sequence parallel needs seq_length={run.seq_length} divisible by TP={tp}")
-    if run.virtual_pipeline_model_parallel_size and (pp < 2 or n % pp):
-        raise ConfigError(
-            f"virtual pipeline stages need PP >= 2 and microbatches ({n}) divisible by PP={pp}; "
-            "raise --global-batch-size"
-        )
 
 
 def _free_port() -> int:
@@ -66,6 +49,9 @@ def _free_port() -> int:
 
 
 def _spawned(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    # A spawned rank inherits "spawn" as its default start method; give its own subprocesses (data-loader workers,
+    # checkpoint writers) the platform default that ranks started by torchrun have.
+    multiprocessing.set_start_method("fork" if sys.platform == "linux" else "spawn", force=True)
     os.environ.update(
         RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -83,36 +69,49 @@ def run_processes(fn: Callable[..., Any], nproc: int, args: tuple = ()) -> None:
     torch.multiprocessing.spawn(_spawned, args=(nproc, _free_port(), fn, args), nprocs=nproc, join=True)
 
 
-def init_worker(run: RunConfig) -> LaunchEnv:
-    """Join the process group and initialise Megatron's parallel state and RNG streams (call once per process)."""
+def prepare_device() -> str:
+    """Pick this process's GPU, or install Megatron's CPU shims and share the cores between local processes;
+    returns the process-group backend for this machine."""
+    from xlstm_megatron.compat import enable_megatron_cpu_compat
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return "nccl"
+    enable_megatron_cpu_compat()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return "gloo"
+
+
+def init_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    seed: int = 1234,
+) -> LaunchEnv:
+    """Join the process group and initialise Megatron's parallel state and RNG streams (once per process), for the
+    commands that run outside `pretrain()`."""
     from megatron.core import parallel_state as ps
 
-    from xlstm_megatron.compat import enable_megatron_cpu_compat, model_parallel_manual_seed
+    from xlstm_megatron.compat import model_parallel_manual_seed
 
     env = launch_env()
-    check_world(run, env.world_size)
-    cuda = torch.cuda.is_available()
-    backend = run.distributed_backend if run.distributed_backend != "auto" else ("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        enable_megatron_cpu_compat()
-        # Share the cores between the local processes instead of oversubscribing them.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if env.world_size % (tp * pp):
+        raise ConfigError(f"{env.world_size} processes cannot hold TP={tp} x PP={pp}; use a multiple of {tp * pp}")
+    backend = prepare_device()
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(minutes=30))
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=run.tensor_model_parallel_size,
-        pipeline_model_parallel_size=run.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
-    model_parallel_manual_seed(run.seed)
+    model_parallel_manual_seed(seed)
     return env
 
 
-def shutdown_worker() -> None:
+def shutdown_parallel() -> None:
     from megatron.core import parallel_state as ps
 
     if dist.is_initialized():

@@ -1,0 +1,98 @@
+"""Fixes for ``megatron.training.pretrain()`` as the megatron-core wheel ships it, on every device (the CPU-only
+shims are in ``megatron_cpu``). Each is listed with its reason and removal condition in ``patches/README.md``
+(section 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from xlstm_megatron.compat.megatron_cpu import (
+    _enable_training_shims,
+    _replace_everywhere,
+    enable_megatron_cpu_compat,
+    megatron_cpu_context,
+)
+
+_ACTIVE = False
+
+
+def enable_pretrain_fixes() -> None:
+    """Idempotent; safe with and without CUDA."""
+    global _ACTIVE
+    if _ACTIVE:
+        return
+    init = importlib.import_module("megatron.training.initialize")
+    original_compile = init._compile_dependencies
+
+    @functools.wraps(original_compile)
+    def compile_dependencies(*args: Any, **kwargs: Any) -> Any:
+        # The wheel ships the dataset index helpers prebuilt (helpers_cpp) but not their Makefile, so Megatron's
+        # `make` on rank 0 fails and exits the job; build only where the prebuilt module is missing.
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            return original_compile(*args, **kwargs)
+        torch.distributed.barrier()
+
+    _replace_everywhere(init, "_compile_dependencies", compile_dependencies)
+    _fix_distributed_optimizer_load()
+    _ACTIVE = True
+
+
+def _fix_distributed_optimizer_load() -> None:
+    """Resume with the distributed optimizer and torch's Adam (no Apex/TE): the load request is built from
+    `state_dict()`, which reads torch Adam's per-parameter `step`, which exists only after a first step (bare
+    `assert len(steps) == 1`). Give the fresh optimizer Megatron's own dummy state first, as it already does for
+    Megatron-FSDP; the load then overwrites every value, `step` included."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    cls = dopt.DistributedOptimizer
+    original = cls.sharded_state_dict
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs: Any):
+        if is_loading and not dopt.HAVE_APEX_OR_TE and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, model_sharded_state_dict, is_loading, **kwargs)
+
+    cls.sharded_state_dict = sharded_state_dict
+    original_load = cls.load_parameter_state_from_dp_reshardable
+
+    @functools.wraps(original_load)
+    @torch.no_grad()  # it copies into views of the fp32 parameters (its sibling loaders have the decorator)
+    def load_parameter_state_from_dp_reshardable(self, state_dict):
+        # `load_state_dict` has just set torch Adam's `step` from the checkpoint's param groups, as ONE tensor shared
+        # by every parameter's state (Adam increments it once per parameter per step); this loader then copies the
+        # per-parameter state tensors, `step` included, from the request built on the dummy state (step 1). Keep
+        # the restored value, in a tensor of each parameter's own.
+        states = [s for s in self.optimizer.state.values() if torch.is_tensor(s.get("step"))]
+        restored = [s["step"].clone() for s in states]
+        original_load(self, state_dict)
+        for state, step in zip(states, restored, strict=True):
+            state["step"] = step
+
+    cls.load_parameter_state_from_dp_reshardable = load_parameter_state_from_dp_reshardable
+
+
+def enable_pretrain_shims() -> None:
+    """The wheel fixes everywhere and, without CUDA, the CPU shims of megatron-core and megatron.training (enough for
+    `validate_args`; the loop itself also needs `pretrain_context()`)."""
+    enable_pretrain_fixes()
+    if not torch.cuda.is_available():
+        enable_megatron_cpu_compat()
+        _enable_training_shims()
+
+
+@contextlib.contextmanager
+def pretrain_context() -> Iterator[None]:
+    """Everything ``pretrain()`` needs from ``compat``: the wheel fixes everywhere, the CPU shims without CUDA."""
+    enable_pretrain_shims()
+    with megatron_cpu_context():
+        yield

@@ -1,0 +1,116 @@
+"""Megatron's own training loop (`megatron.training.pretrain`) with the xLSTM model: the providers it calls and the
+worker that runs it.
+
+`pretrain()` does everything a training loop does (optimizer, schedule, microbatching, pipeline schedules,
+evaluation, checkpoints, resume, logging, TensorBoard/W&B, NaN checks, signal handling, recompute, overlap, FSDP),
+driven by Megatron's own arguments. The plugin only supplies what is xLSTM's: the model config (built from the
+arguments by `runs.model`), a forward step and a dataset provider as Megatron-LM's `pretrain_gpt.py` has them.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from functools import partial
+from typing import Any
+
+import torch
+
+DATA_KEYS = ("tokens", "labels", "loss_mask")
+
+
+def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
+    """This rank's microbatch: read on tensor-parallel rank 0 of the first/last pipeline stage, broadcast over TP
+    (Megatron's `tensor_parallel.broadcast_data`); middle stages read nothing."""
+    from megatron.core import tensor_parallel
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return dict.fromkeys(DATA_KEYS)
+    sample = next(data_iterator) if data_iterator is not None else None
+    ints = tensor_parallel.broadcast_data(["tokens", "labels"], sample, torch.int64)
+    floats = tensor_parallel.broadcast_data(["loss_mask"], sample, torch.float32)
+    return {**ints, **floats}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sum of the masked per-token losses, the token count, and the report Megatron averages per token over the
+    global batch (its 3-tuple convention)."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
+
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    if get_args().check_for_nan_in_loss_and_grad:
+        machine = get_rerun_state_machine()
+        for bad, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(result=loss, rejection_func=bad, message=f"found {what} in the forward loss",
+                                    tolerance=0.0, fatal=True)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1).float()])}
+
+
+def forward_step(data_iterator: Any, model: torch.nn.Module):
+    """Megatron's forward-step contract: (per-token losses, loss function)."""
+    from megatron.core.utils import get_attr_wrapped_model
+    from megatron.training import get_timers
+
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    batch = _get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    timers("batch-generator").stop()
+    output = model(batch["tokens"], None, None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _dataset_built_on_rank(vp_stage: int | None = None) -> bool:
+    from megatron.core import parallel_state as ps
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    return is_first_or_last_pipeline_stage(vp_stage) and ps.get_tensor_model_parallel_rank() == 0
+
+
+def datasets_provider(train_val_test_num_samples: list[int], vp_stage: int | None = None):
+    """GPT datasets (indexed `.bin/.idx` blends or mock data) through megatron-core's builder, from the arguments."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(
+        cls, train_val_test_num_samples, partial(_dataset_built_on_rank, vp_stage=vp_stage), config
+    ).build()
+
+
+datasets_provider.is_distributed = True  # every rank calls it (the builder has barriers); Megatron's own flag
+
+
+def run_pretrain(args: Namespace) -> None:
+    """Run Megatron's `pretrain()` on validated arguments that are already Megatron's global args (inside
+    `compat.pretrain_context()`)."""
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from xlstm_megatron.runs.model import model_config_from_args
+
+    cfg = pretrain_cfg_container_from_args(args, model_config_from_args(args))
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
