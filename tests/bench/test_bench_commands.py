@@ -61,7 +61,8 @@ def test_gpu_benches_refuse_cpu_timings(tmp_path):
 
 @pytest.mark.slow
 def test_train_step_bench_smoke(tmp_path):
-    """The whole-model step bench on the tiny Large config (TP=2 over 2 gloo ranks): tokens/s and TFLOP/s."""
+    """The whole-model step bench on the tiny Large config (TP=2 over 2 gloo ranks; model from runs.model, Megatron's
+    DDP, optimizer and schedule): tokens/s and TFLOP/s."""
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "bench/train_step.py", "--config", "configs/tiny/large_cpu.yaml",
                            "--steps", "2", "--warmup", "1", "--out", str(out)], capture_output=True, text=True,
@@ -69,5 +70,6 @@ def test_train_step_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["tp"] == 2 and len(result["step_seconds"]) == 2
+    assert result["model"]["pattern"] == "mmmm" and result["model"]["padded_vocab_size"] == 2048
     assert result["tokens_per_s"] > 0 and result["tflops_per_device"] > 0
     assert result["env"]["git_commit"]

@@ -1,5 +1,6 @@
 """Shared builders for the conversion tests: tiny random Hugging Face xLSTMs, conversions run in a one-process
-Megatron worker, and our model's logits loaded from a checkpoint through the trainer's own setup and loader."""
+Megatron worker, and our model built from a checkpoint's saved args (runs.model) with its weights loaded
+(runs.checkpoint), its logits and its loss through Megatron's pipeline schedule."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 from unittest import mock
 
 import torch
-import yaml
 
 
 @contextlib.contextmanager
@@ -70,29 +70,44 @@ def convert(*argvs: list[str]) -> list[tuple[int, str]]:
                            init_model_parallel=False)[0]
 
 
-def trainer_state(ckpt: Path, tp: int, pp: int, seq: int, load: bool = True, bf16: bool = False):
-    """The trainer's TrainState for the run config of `ckpt` at TP/PP (distributed optimizer), with the checkpoint's
-    latest iteration loaded by the trainer's loader. Call in a run_distributed worker."""
+def checkpoint_model(ckpt: Path, tp: int = 1, pp: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """This rank's model chunk at TP/PP, built through runs.model from the checkpoint's saved args, with the latest
+    checkpoint's weights loaded by runs.checkpoint (resharded); and the checkpoint's common state. Call in a
+    run_distributed worker."""
+    from megatron.core import parallel_state as ps
+
     from tests.megatron.dist import reinit_model_parallel
-    from xlstm_megatron.training import checkpoint as ckpt_io
-    from xlstm_megatron.training.batches import padded_vocab_size
-    from xlstm_megatron.training.run_config import RunConfig
-    from xlstm_megatron.training.trainer import setup
+    from xlstm_megatron.runs import checkpoint as ckpt_io
+    from xlstm_megatron.runs.model import build_xlstm_model
 
     reinit_model_parallel(tp=tp, pp=pp)
-    doc = yaml.safe_load((ckpt / "run_config.yaml").read_text())
-    train = {k: v for k, v in doc.get("train", {}).items() if k in ("vocab_size", "make_vocab_size_divisible_by")}
-    run = RunConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_distributed_optimizer=True,
-                    seq_length=seq, mock_data=True, micro_batch_size=2, lr=1e-3, min_lr=0.0, lr_warmup_iters=0,
-                    bf16=bf16, **train)
-    vocab = padded_vocab_size(run, None)
-    state = setup(dict(doc["model"]), run, vocab)
-    common = None
-    if load:
-        it = ckpt_io.latest_iteration(ckpt)
-        common = ckpt_io.load_checkpoint(ckpt_io.iteration_dir(ckpt, it), state.inner, state.optimizer,
-                                         state.scheduler, ckpt_io.architecture(state.config, vocab), True)
-    return state, run, common
+    path = ckpt_io.resolve_checkpoint_dir(ckpt)
+    args = ckpt_io.with_layout(ckpt_io.saved_args(path), tp, pp)
+    model = build_xlstm_model(args, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    ckpt_io.load_model_weights([model], path)
+    return model, ckpt_io.common_state(path)
+
+
+@torch.no_grad()
+def schedule_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean LM loss of one batch through Megatron's pipeline schedule (forward only): a float on the last pipeline
+    stage, None on the others."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = output.float().mean()
+        return loss, {"loss": loss.detach()}
+
+    def forward_step(data_iterator, chunk):
+        batch_tokens, batch_labels = next(data_iterator)
+        return chunk(batch_tokens, None, None, labels=batch_labels), loss_func
+
+    model.eval()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([(tokens, labels)]), model=[model], num_microbatches=1,
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
+    )
+    return float(losses[0]["loss"]) if losses else None
 
 
 @torch.no_grad()
@@ -101,17 +116,4 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     model.eval()
-    out = gather_from_tensor_model_parallel_region(model(tokens, None, None))
-    model.train()
-    return out
-
-
-def zero_lr_step(state) -> None:
-    """One optimizer step with zero gradients and lr 0: the parameters become the optimizer's main copies, which
-    must equal the loaded weights (with bf16 those are separate fp32 copies; in fp32 they alias the parameters)."""
-    for chunk in state.model:
-        chunk.zero_grad_buffer()
-    state.optimizer.zero_grad()
-    for group in state.optimizer.param_groups:
-        group["lr"] = 0.0
-    state.optimizer.step()
+    return gather_from_tensor_model_parallel_region(model(tokens, None, None))

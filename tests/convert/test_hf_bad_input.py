@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path):
             "xlstm-v1-to-megatron", "--state-dict", tmp_path / "v1_missing.pt", "--config", v1_cfg, "--out", out],
         "has shape (16, 32), the config implies (16, 64)": [
             "xlstm-v1-to-megatron", "--state-dict", tmp_path / "v1.pt", "--config", v1_wide, "--out", out],
-        "has no checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "hf", "--config", v1_cfg, "--out", out],
+        "has no checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "hf", "--out", out],
     }
     results = convert(*cases.values())
     for (expected, argv), (rc, err) in zip(cases.items(), results, strict=True):
@@ -80,23 +81,34 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path):
 
 
 def test_checkpoint_export_refusals(tmp_path):
-    """A v1 model has no HF counterpart; a run config that does not match the checkpoint is refused before export."""
+    """A v1 model has no HF counterpart; missing iterations, a marker naming no checkpoint, a directory that is not a
+    checkpoint of ours and a truncated checkpoint file are refused in one line."""
     hf = random_hf_model(seed=3, **TINY)
     hf.save_pretrained(tmp_path / "hf")
-    [(rc, err)] = convert(["hf-to-megatron", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "ckpt"])
-    assert rc == 0, err
-    run_config = yaml.safe_load((tmp_path / "ckpt" / "run_config.yaml").read_text())
-    (tmp_path / "v1.yaml").write_text(yaml.safe_dump({"model": {"xlstm_block": "v1", "num_layers": 2,
-                                                                 "hidden_size": 64, "num_attention_heads": 2}}))
-    (tmp_path / "wide.yaml").write_text(yaml.safe_dump({"model": {**run_config["model"], "hidden_size": 128}}))
+    v1_cfg, _ = _v1_files(tmp_path)
+    results = convert(["hf-to-megatron", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "ckpt"],
+                      ["xlstm-v1-to-megatron", "--state-dict", tmp_path / "v1.pt", "--config", v1_cfg,
+                       "--out", tmp_path / "v1ckpt"])
+    assert all(rc == 0 for rc, _ in results), results
+    (tmp_path / "marker").mkdir()
+    (tmp_path / "marker" / "latest_checkpointed_iteration.txt").write_text("3")
+    (tmp_path / "marker" / "iter_0000003").mkdir()  # a directory, but no checkpoint in it
+    (tmp_path / "nomarker").mkdir()
+    (tmp_path / "nomarker" / "latest_checkpointed_iteration.txt").write_text("3")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "ckpt", truncated)
+    for f in (truncated / "iter_0000000").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = tmp_path / "out"
     cases = {
-        "xLSTM-Large mLSTM stacks only": ["megatron-to-hf", "--ckpt", tmp_path / "ckpt", "--config",
-                                          tmp_path / "v1.yaml", "--out", out],
-        "different architecture": ["megatron-to-hf", "--ckpt", tmp_path / "ckpt", "--config", tmp_path / "wide.yaml",
-                                   "--out", out],
+        "xLSTM-Large mLSTM stacks only": ["megatron-to-hf", "--ckpt", tmp_path / "v1ckpt", "--out", out],
         "iter_0000005 does not exist": ["megatron-to-hf", "--ckpt", tmp_path / "ckpt", "--iteration", "5",
                                         "--out", out],
+        "names '3', which is not a complete checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "nomarker",
+                                                          "--out", out],
+        "is not a Megatron dist checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "marker", "--iteration", "3",
+                                              "--out", out],
+        "cannot read": ["megatron-to-hf", "--ckpt", truncated, "--out", out],
     }
     for expected, (rc, err) in zip(cases, convert(*cases.values()), strict=True):
         lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -1,5 +1,6 @@
-"""Our checkpoints -> Hugging Face: bitwise round trips, and checkpoints the trainer saved at TP=2 or PP=2 export to
-directories that transformers loads offline with our logits."""
+"""Our Megatron checkpoints -> Hugging Face: bitwise round trips, and checkpoints saved at TP=2 or PP=2 (by
+runs.checkpoint, from a model built through runs.model) export to directories that transformers loads offline with our
+logits."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.convert.hf_models import convert, hf_logits, load_hf, random_hf_model, trainer_state, zero_lr_step
+from tests.convert.hf_models import convert, hf_logits, load_hf, random_hf_model
 from tests.megatron.dist import run_distributed
 
 SEQ = 20
@@ -75,37 +75,45 @@ def test_bf16_checkpoint_exports_bf16_or_upcast(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-LARGE = dict(xlstm_block="large", num_layers=2, hidden_size=64, num_attention_heads=2, mlstm_chunk_size=8)
+LARGE = ["--xlstm-block", "large", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2",
+         "--mlstm-chunk-size", "8"]
 VOCAB = 48
 
 
-def _save_trained_checkpoint(root: str, tp: int, pp: int, seed: int) -> None:
-    """A full trainer checkpoint (model + distributed optimizer + scheduler) of a logically fixed random model."""
-    from tests.models.helpers import randomize_tp_invariant
-    from xlstm_megatron.training import checkpoint as ckpt_io
-    from xlstm_megatron.training.run_config import dump_run_config
+def _large_args(tp: int, pp: int):
+    """Megatron args of the Large test model (validated at TP=1: validate_args asks the GPU architecture for TP > 1)
+    laid out at TP/PP, vocab exactly VOCAB."""
+    from xlstm_megatron.runs.args import megatron_args
+    from xlstm_megatron.runs.checkpoint import with_layout
 
-    path = Path(root)
-    if torch.distributed.get_rank() == 0:
-        path.mkdir()
-        doc = {"model": LARGE, "train": {"vocab_size": VOCAB, "make_vocab_size_divisible_by": 1}}
-        (path / "run_config.yaml").write_text(yaml.safe_dump(doc))
-    torch.distributed.barrier()
-    state, run, _ = trainer_state(path, tp=tp, pp=pp, seq=SEQ, load=False)
-    zero_lr_step(state)  # the distributed optimizer has state to save only after a step
-    for chunk in state.inner:
-        randomize_tp_invariant(chunk, seed=seed)
-    ckpt_io.save_checkpoint(path, 7, state.inner, state.optimizer, state.scheduler,
-                            ckpt_io.architecture(state.config, VOCAB), {}, True)
-    if torch.distributed.get_rank() == 0:  # what the trainer leaves next to its checkpoints
-        (path / "run_config.yaml").write_text(dump_run_config(LARGE, run))
+    args = megatron_args([*LARGE, "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
+                          "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+                          "--transformer-impl", "local"])
+    args.padded_vocab_size = VOCAB
+    return with_layout(args, tp, pp)
+
+
+def _save_checkpoint(root: str, tp: int, pp: int, seed: int) -> None:
+    """A logically fixed random model built at TP/PP through runs.model, saved by runs.checkpoint at iteration 7."""
+    from megatron.core import parallel_state as ps
+
+    from tests.megatron.dist import reinit_model_parallel
+    from tests.models.helpers import randomize_tp_invariant
+    from xlstm_megatron.runs.checkpoint import save_weights_checkpoint
+    from xlstm_megatron.runs.model import build_xlstm_model
+
+    reinit_model_parallel(tp=tp, pp=pp)
+    args = _large_args(tp, pp)
+    model = build_xlstm_model(args, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    randomize_tp_invariant(model, seed=seed)
+    save_weights_checkpoint([model], root, 7, args)
 
 
 def _tp1_logits(seed: int, tokens: torch.Tensor) -> torch.Tensor:
-    from tests.models.helpers import build_model, randomize_tp_invariant, tiny_config
+    from tests.models.helpers import randomize_tp_invariant
+    from xlstm_megatron.runs.model import build_xlstm_model
 
-    cfg = {k: v for k, v in LARGE.items() if k != "xlstm_block"}
-    model = build_model(tiny_config("large", **cfg), VOCAB, SEQ)
+    model = build_xlstm_model(_large_args(1, 1))
     randomize_tp_invariant(model, seed=seed)
     with torch.no_grad():
         return model.eval()(tokens, None, None)
@@ -115,7 +123,7 @@ def _tp1_logits(seed: int, tokens: torch.Tensor) -> torch.Tensor:
 def test_checkpoint_saved_at_tp_or_pp_exports_to_hf_with_our_logits(tp, pp, tmp_path):
     seed = 17
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
-    run_distributed(_save_trained_checkpoint, world_size=2, args=(str(tmp_path / "ckpt"), tp, pp, seed), timeout=180)
+    run_distributed(_save_checkpoint, world_size=2, args=(str(tmp_path / "ckpt"), tp, pp, seed), timeout=180)
     [(rc, err)] = convert(["megatron-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "hf"])
     assert rc == 0, err
     ours = run_distributed(_tp1_logits, world_size=1, args=(seed, tokens))[0]

@@ -1,14 +1,13 @@
-"""Hugging Face xLSTM -> our checkpoint: the trainer loads it at TP=1, TP=2 and PP=2 and computes HF's logits and
-loss."""
+"""Hugging Face xLSTM -> our Megatron checkpoint: the model its saved args define loads it at TP=1, TP=2 and PP=2 and
+computes HF's logits and loss (through Megatron's pipeline schedule)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from tests.convert.hf_models import convert, full_logits, hf_logits, random_hf_model, trainer_state, zero_lr_step
+from tests.convert.hf_models import checkpoint_model, convert, full_logits, hf_logits, random_hf_model, schedule_loss
 from tests.megatron.dist import run_distributed
 from xlstm_megatron.convert.hf_config import model_kwargs_from_hf
 
@@ -27,24 +26,15 @@ CASES = {
 SHARD = {"fused-sharded": "20KB"}
 
 
-def _trainer_outputs(ckpt: str, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per layout (TP, PP): logits (PP=1 only), logits after an lr=0 step, the saved iteration and the mean loss
-    through the trainer's own pipeline schedule."""
+def _loaded_outputs(ckpt: str, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per layout (TP, PP): logits (PP=1 only), the saved iteration and the mean loss (last stage; None elsewhere)."""
     from pathlib import Path
 
-    from xlstm_megatron.training.trainer import _mean_loss, _run_schedule
-
     out = {}
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens)}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        state, run, common = trainer_state(Path(ckpt), tp=tp, pp=pp, seq=tokens.shape[1])
-        loss = float(_mean_loss(_run_schedule(state, run, [batch], forward_only=True)))
-        logits = after = None
-        if pp == 1:
-            logits = full_logits(state.inner[0], tokens)
-            zero_lr_step(state)  # a step right after a weights-only load keeps the loaded weights
-            after = full_logits(state.inner[0], tokens)
-        out[tp, pp] = (logits, after, common["iteration"], loss)
+        model, common = checkpoint_model(Path(ckpt), tp=tp, pp=pp)
+        logits = full_logits(model, tokens) if pp == 1 else None
+        out[tp, pp] = (logits, common["iteration"], schedule_loss(model, tokens, labels))
     return out
 
 
@@ -61,39 +51,38 @@ def test_imported_model_matches_hf_at_tp1_tp2_and_pp2(case, tmp_path):
     assert rc == 0, err
     if case == "fused-sharded":
         assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
-    results = run_distributed(_trainer_outputs, world_size=2, args=(str(tmp_path / "ckpt"), tokens, labels),
+    results = run_distributed(_loaded_outputs, world_size=2, args=(str(tmp_path / "ckpt"), tokens, labels),
                               timeout=180)
-    for rank_result in results:
-        for (tp, pp), (logits, after_step, saved_iteration, loss) in rank_result.items():
+    for rank, rank_result in enumerate(results):
+        for (tp, pp), (logits, saved_iteration, loss) in rank_result.items():
             assert saved_iteration == 0
-            assert abs(loss - ref_loss) <= 1e-5, (tp, pp, loss, ref_loss)
+            if pp == 1 or rank == 1:  # with PP=2 the loss exists on the last stage (rank 1)
+                assert loss is not None and abs(loss - ref_loss) <= 1e-5, (tp, pp, loss, ref_loss)
             if logits is not None:
                 torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0, msg=f"TP={tp}")
-                torch.testing.assert_close(after_step, logits, atol=0, rtol=0, msg=f"TP={tp} after an lr=0 step")
 
 
-def _bf16_step_keeps_weights(ckpt: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bf16_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
     from pathlib import Path
 
-    state, _, _ = trainer_state(Path(ckpt), tp=1, pp=1, seq=tokens.shape[1], bf16=True)
-    tokens = tokens.cuda()
-    before = full_logits(state.inner[0], tokens).float()
-    zero_lr_step(state)
-    return before, full_logits(state.inner[0], tokens).float()
+    from megatron.core.transformer.module import Float16Module
+
+    model, _ = checkpoint_model(Path(ckpt))
+    assert next(model.parameters()).dtype == torch.bfloat16  # the saved args say --bf16
+    model = Float16Module(model.config, model.cuda())
+    return full_logits(model, tokens.cuda()).float()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training (separate fp32 main params) needs a GPU")
-def test_weights_only_load_refreshes_bf16_main_params(tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 matmuls of the model need a GPU")
+def test_bf16_checkpoint_computes_hf_logits(tmp_path):
     hf = random_hf_model(seed=8, **CASES["qk-rounding"])
     hf.save_pretrained(tmp_path / "hf")
     [(rc, err)] = convert(["hf-to-megatron", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "ckpt",
                            "--dtype", "bf16"])
     assert rc == 0, err
     tokens = torch.randint(0, CASES["qk-rounding"]["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(4))
-    before, after = run_distributed(_bf16_step_keeps_weights, world_size=1, args=(str(tmp_path / "ckpt"), tokens),
-                                    backend="nccl")[0]
-    torch.testing.assert_close(after, before, atol=0, rtol=0)
-    torch.testing.assert_close(before, hf_logits(hf, tokens), atol=0.15, rtol=0.05)  # bf16 weights and activations
+    logits = run_distributed(_bf16_logits, world_size=1, args=(str(tmp_path / "ckpt"), tokens), backend="nccl")[0]
+    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=0.15, rtol=0.05)  # bf16 weights and activations
 
 
 def test_config_mapping_follows_hf_fields():
@@ -110,15 +99,25 @@ def test_config_mapping_follows_hf_fields():
     assert uncapped["gate_soft_cap"] == uncapped["output_logit_soft_cap"] == 0.0
 
 
-def test_converted_dir_is_a_train_config(tmp_path):
-    """The run_config.yaml written next to the checkpoint keeps the HF vocabulary unpadded."""
+def _saved_args(ckpt: str) -> dict:
+    from xlstm_megatron.runs.checkpoint import architecture, resolve_checkpoint_dir, saved_args
+
+    args = saved_args(resolve_checkpoint_dir(ckpt))
+    return {"arch": architecture(args), "bf16": args.bf16, "vocab_size": args.vocab_size,
+            "seq_length": args.seq_length, "no_save_optim": args.no_save_optim}
+
+
+def test_converted_dir_is_a_megatron_checkpoint_with_the_hf_vocab(tmp_path):
+    """The checkpoint's saved args record the architecture, the HF vocabulary unpadded, and no optimizer state."""
     hf = random_hf_model(seed=5, vocab_size=40, hidden_size=64, num_hidden_layers=1, num_heads=2, chunk_size=8)
     hf.save_pretrained(tmp_path / "hf")
     [(rc, err)] = convert(["hf-to-megatron", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "ckpt",
                            "--dtype", "bf16"])
     assert rc == 0, err
-    doc = yaml.safe_load((tmp_path / "ckpt" / "run_config.yaml").read_text())
-    assert doc["train"] == {"vocab_size": 40, "make_vocab_size_divisible_by": 1}
-    assert doc["model"]["xlstm_block"] == "large" and doc["model"]["hidden_size"] == 64
+    saved = _saved_args(str(tmp_path / "ckpt"))
+    assert saved["arch"]["padded_vocab_size"] == saved["vocab_size"] == 40
+    assert saved["arch"]["xlstm_block"] == "large" and saved["arch"]["hidden_size"] == 64
+    assert saved["arch"]["normalization"] == "RMSNorm" and saved["arch"]["untie_embeddings_and_output_weights"]
+    assert saved["bf16"] and saved["no_save_optim"]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "0"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial directory left

@@ -1,9 +1,11 @@
 """Fused Triton sLSTM against the torch sLSTM (`slstm`, itself tested against the per-step reference).
 
 - CPU: every case runs under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so one
-  worker subprocess runs all cases and reports max errors as JSON; this process never imports the kernels).
-- CPU: the kernels compile ahead of time for sm_90 (catches what the interpreter accepts but the compiler does not).
-- GPU (skipped without CUDA): fp32 / bf16 inputs vs the torch path on the GPU, at realistic sizes.
+  worker subprocess runs all cases and reports max errors as JSON; this process never imports the kernels): head
+  sizes up to the paper's 192, in the "loop" mode (one program per head) and the "steps" mode (a head's columns
+  split over programs, one launch per step; the "sync" mode runs the same code with a grid barrier, which the
+  interpreter cannot run: it is compiled in test_kernel_resources.py and run by the GPU tests).
+- GPU (skipped without CUDA): fp32 / bf16 inputs vs the torch path on the GPU, at realistic sizes, in every mode.
 """
 
 import importlib.util
@@ -15,34 +17,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ops.triton_interpreter import (
-    assert_compiles_ahead_of_time,
-    assert_guarded_without_triton,
-    raised_types,
-    run_worker_in_interpreter,
-)
+from tests.ops.triton_interpreter import assert_guarded_without_triton, raised_types, run_worker_in_interpreter
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
 
-# name: (B, S, NH, DH, dtype, forget_gate, initial state, kind of inputs)
+# name: (B, S, NH, DH, dtype, forget_gate, initial state, kind of inputs, mode)
 # kinds: "random"; "ties": exp forget gate with ĩ = f̃ = 0 and R_i = R_f = 0, so ĩ == m + log f at every step (the
-# max ties) and x == 0 at the min(., 1) clip; "partial_zero_n": a state with n == 0 (and c == 0) on some elements only
+# max ties) and x == 0 at the min(., 1) clip; "partial_zero_n": a state with n == 0 (and c == 0) on some elements only.
+# modes (launch.forced_mode): None (automatic: "loop" under the interpreter) or "steps". Column blocks are 16 wide and
+# the reduction runs in 32-wide tiles, so DH 40 / 64 / 128 / 192 have several of each (ragged at 40).
 CASES = {
-    "sigmoid_zero_state": (2, 12, 2, 16, "float32", "sigmoid", False, "random"),
-    "sigmoid_state": (1, 9, 2, 8, "float32", "sigmoid", True, "random"),
-    "exp_zero_state": (1, 7, 2, 16, "float32", "exp", False, "random"),
-    "exp_state": (2, 10, 2, 8, "float32", "exp", True, "random"),
-    "one_step_state": (2, 1, 2, 8, "float32", "sigmoid", True, "random"),
-    "one_step": (1, 1, 2, 16, "float32", "exp", False, "random"),
-    "padded_head": (2, 6, 2, 12, "float32", "sigmoid", True, "random"),
-    "two_batch_tiles": (17, 3, 2, 8, "float32", "sigmoid", True, "random"),
-    "ties": (2, 5, 2, 8, "float32", "exp", False, "ties"),
-    "partial_zero_n": (2, 6, 2, 8, "float32", "sigmoid", True, "partial_zero_n"),
-    "fp16": (2, 8, 2, 16, "float16", "sigmoid", True, "random"),
-    "bf16": (1, 6, 2, 16, "bfloat16", "exp", True, "random"),
-    "empty_sequence": (2, 0, 2, 8, "float32", "sigmoid", True, "random"),
+    "sigmoid_zero_state": (2, 12, 2, 16, "float32", "sigmoid", False, "random", None),
+    "sigmoid_state": (1, 9, 2, 8, "float32", "sigmoid", True, "random", None),
+    "exp_zero_state": (1, 7, 2, 16, "float32", "exp", False, "random", None),
+    "exp_state": (2, 10, 2, 8, "float32", "exp", True, "random", None),
+    "one_step_state": (2, 1, 2, 8, "float32", "sigmoid", True, "random", None),
+    "one_step": (1, 1, 2, 16, "float32", "exp", False, "random", None),
+    "padded_head": (2, 6, 2, 12, "float32", "sigmoid", True, "random", None),
+    "two_batch_tiles": (17, 3, 2, 8, "float32", "sigmoid", True, "random", None),
+    "ties": (2, 5, 2, 8, "float32", "exp", False, "ties", None),
+    "partial_zero_n": (2, 6, 2, 8, "float32", "sigmoid", True, "partial_zero_n", None),
+    "fp16": (2, 8, 2, 16, "float16", "sigmoid", True, "random", None),
+    "bf16": (1, 6, 2, 16, "bfloat16", "exp", True, "random", None),
+    "empty_sequence": (2, 0, 2, 8, "float32", "sigmoid", True, "random", None),
+    "head_64_split": (2, 4, 1, 64, "float32", "sigmoid", True, "random", "steps"),
+    "head_128": (1, 3, 1, 128, "float32", "exp", True, "random", None),
+    "ragged_head_40_split": (17, 2, 1, 40, "float32", "sigmoid", True, "partial_zero_n", "steps"),
+    "paper_head_192": (1, 3, 1, 192, "float32", "sigmoid", False, "random", None),
+    "paper_head_192_split": (1, 3, 1, 192, "float32", "sigmoid", True, "random", "steps"),
+    "paper_head_192_bf16_split": (1, 2, 1, 192, "bfloat16", "exp", True, "random", "steps"),
 }
 # max |triton - torch| / max(1, max |torch|); fp32 math on both sides (fp16 / bf16 only round the inputs and y)
 TOL = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
@@ -52,7 +57,7 @@ NAMES = ["y", "y_last", "c_last", "n_last", "m_last", "dwx", "dr", "db", "dy0", 
 
 def _inputs(case: tuple, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(wx, r, b), the initial state (empty for zeros) and loss weights for y and the final state."""
-    B, S, NH, DH, dtype, _, with_state, kind = case
+    B, S, NH, DH, dtype, _, with_state, kind, _ = case
     g = torch.Generator().manual_seed(seed)
     wx = torch.randn(B, S, NH, 4, DH, generator=g).to(getattr(torch, dtype))
     r = torch.randn(NH, DH, 4, DH, generator=g) / DH**0.5
@@ -76,10 +81,11 @@ def _inputs(case: tuple, seed: int) -> tuple[list[torch.Tensor], list[torch.Tens
 def _worker(cases: dict) -> dict:
     """Runs in a subprocess with TRITON_INTERPRET=1: fwd + bwd of every case, triton vs torch."""
     from xlstm_megatron.ops.slstm import slstm
-    from xlstm_megatron.ops.slstm.triton import slstm_triton
+    from xlstm_megatron.ops.slstm.triton import launch, slstm_triton
 
     results = {}
     for seed, (name, case) in enumerate(cases.items()):
+        launch.forced_mode = case[8]
         params, state, weights = _inputs(case, seed)
         outs = {}
         for impl, fn in (("triton", slstm_triton), ("torch", slstm)):
@@ -100,19 +106,30 @@ def _worker(cases: dict) -> dict:
                 res[key] = err
         res["y_dtype_ok"] = outs["triton"][0].dtype == outs["torch"][0].dtype
         results[name] = res
-    results["validation"] = _validation_errors(slstm_triton)
+    launch.forced_mode = None
+    results["validation"] = _validation_errors(slstm_triton, launch)
     return results
 
 
-def _validation_errors(fn) -> dict:
+def _validation_errors(fn, launch) -> dict:
     """Exception type raised for each bad call (None if none was raised)."""
     wx, r, b = torch.randn(1, 2, 2, 4, 8), torch.randn(2, 8, 4, 8), torch.randn(2, 4, 8)
-    big = 160
+    rows = launch.BATCH_TILE * launch.GRID_YZ_MAX + 1  # one batch tile more than a grid dimension holds
+    wide = torch.empty(rows, 0, 1, 4, 8)  # an empty sequence: the size check comes before any allocation
+
+    def sync_in_interpreter():
+        launch.forced_mode = "sync"
+        try:
+            fn(wx, r, b)
+        finally:
+            launch.forced_mode = None
+
     bad = {
         "fp64": lambda: fn(wx.double(), r, b),
-        "head_too_large": lambda: fn(torch.randn(1, 2, 1, 4, big), torch.randn(1, big, 4, big), torch.randn(1, 4, big)),
+        "grid_too_large": lambda: fn(wide, r[:1], b[:1]),
         "shapes": lambda: fn(wx, r[:, :4], b),
         "forget_gate": lambda: fn(wx, r, b, forget_gate="tanh"),
+        "sync_in_interpreter": sync_in_interpreter,
     }
     return raised_types(bad)
 
@@ -137,7 +154,8 @@ def test_interpreter_matches_torch_slstm(interpreter_results, case):
 
 def test_interpreter_rejects_bad_inputs(interpreter_results):
     assert interpreter_results["validation"] == {
-        "fp64": "TypeError", "head_too_large": "ValueError", "shapes": "ValueError", "forget_gate": "ValueError",
+        "fp64": "TypeError", "grid_too_large": "ValueError", "shapes": "ValueError", "forget_gate": "ValueError",
+        "sync_in_interpreter": "ValueError",
     }
 
 
@@ -145,45 +163,31 @@ def test_package_imports_without_triton_and_stays_off_the_torch_path():
     assert_guarded_without_triton("xlstm_megatron.ops.slstm.triton", "slstm_triton")
 
 
-AOT_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from xlstm_megatron.ops.slstm.triton.kernels import slstm_bwd_kernel, slstm_fwd_kernel
-
-for fn in (slstm_fwd_kernel, slstm_bwd_kernel):
-    for d, exp_forget in ((16, False), (64, True), (128, False)):
-        ce = dict(BB=16, D=d, EXP_FORGET=exp_forget)
-        sig = {a: "constexpr" if a in ce else ("*bf16" if a == "wx_ptr" else "*i32" if a == "first_zero_ptr"
-               else "*fp32") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4 if d <= 64 else 8))
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_gpu_targets():
-    """Ahead-of-time compilation to sm_90 cubins (needs only ptxas, shipped with triton)."""
-    assert_compiles_ahead_of_time(AOT_SCRIPT)
-
-
-GPU_CASES = [  # (B, S, NH, DH, dtype, forget_gate, tolerance)
-    (4, 512, 4, 64, torch.float32, "sigmoid", 1e-4),
-    (3, 300, 4, 128, torch.float32, "exp", 1e-4),
-    (33, 200, 2, 40, torch.bfloat16, "sigmoid", 2e-2),
+GPU_CASES = [  # (B, S, NH, DH, dtype, forget_gate, tolerance, mode)
+    (4, 512, 4, 64, torch.float32, "sigmoid", 1e-4, None),
+    (3, 300, 4, 128, torch.float32, "exp", 1e-4, None),
+    (33, 200, 2, 40, torch.bfloat16, "sigmoid", 2e-2, None),
+    (8, 256, 4, 192, torch.float32, "sigmoid", 1e-4, None),  # xLSTM[7:1] 125M
+    (8, 256, 4, 512, torch.bfloat16, "sigmoid", 2e-2, None),  # xLSTM[7:1] 1.3B
+    (5, 64, 4, 192, torch.float32, "exp", 1e-4, "loop"),
+    (5, 64, 4, 192, torch.float32, "exp", 1e-4, "steps"),
+    (5, 64, 4, 192, torch.float32, "exp", 1e-4, "sync"),
 ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU path runs compiled kernels")
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_matches_torch_slstm(case):
+def test_gpu_matches_torch_slstm(case, monkeypatch):
     from xlstm_megatron.ops.slstm import slstm
-    from xlstm_megatron.ops.slstm.triton import slstm_triton
+    from xlstm_megatron.ops.slstm.triton import launch, slstm_triton
 
-    B, S, NH, DH, dtype, forget_gate, tol = case
-    params, state, weights = _inputs((B, S, NH, DH, "float32", forget_gate, True, "random"), S)
+    B, S, NH, DH, dtype, forget_gate, tol, mode = case
+    monkeypatch.setattr(launch, "forced_mode", mode)
+    plans = []
+    run = launch.run
+    monkeypatch.setattr(launch, "run", lambda *a, **k: plans.append(run(*a, **k)) or plans[-1])
+    params, state, weights = _inputs((B, S, NH, DH, "float32", forget_gate, True, "random", None), S)
     params[0] = params[0].to(dtype)
     params, state, weights = ([t.cuda() for t in ts] for ts in (params, state, weights))
     outs = {}
@@ -197,6 +201,11 @@ def test_gpu_matches_torch_slstm(case):
         assert torch.isfinite(got).all(), name
         err = (got.float() - ref.float()).abs().max().item() / max(1.0, ref.float().abs().max().item())
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    assert len(plans) == 2  # forward and backward
+    if mode is not None:
+        assert {p.mode for p in plans} == {mode}
+    elif DH >= 192:  # the paper heads: split over programs with a grid barrier, which fit at these batch sizes
+        assert {p.mode for p in plans} == {"sync"} and min(p.programs for p in plans) >= 2
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

@@ -1,12 +1,13 @@
-"""`xlstm-megatron convert`: Hugging Face and official v1 checkpoints <-> our checkpoint directories.
+"""`xlstm-megatron convert`: Hugging Face and official v1 checkpoints <-> Megatron checkpoints of our models.
 
     convert hf-to-megatron --hf-dir D --out CKPT [--dtype fp32|bf16]
-    convert megatron-to-hf --ckpt CKPT [--iteration N] [--config RUN.yaml] [--dtype fp32|bf16] [--max-shard-size 2GB]
-                           --out D
+    convert megatron-to-hf --ckpt CKPT [--iteration N] [--dtype fp32|bf16] [--max-shard-size 2GB] --out D
     convert xlstm-v1-to-megatron --state-dict F.pt --config V1.yaml --out CKPT [--dtype fp32|bf16]
 
 Bad input ends with one `error: ...` line on stderr and exit status 2; nothing is written then (output goes to a
-temporary directory next to --out and is renamed at the end; an existing --out is refused).
+temporary directory next to --out and is renamed at the end; an existing --out is refused). The checkpoints are
+Megatron's own format (`--load CKPT --finetune` continues training from an imported model); the architecture is the
+one the checkpoint's saved args record.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     dtypes = ["fp32", "bf16"]
     p = sub.add_parser("hf-to-megatron", help="Hugging Face xLSTMForCausalLM directory -> our checkpoint")
     p.add_argument("--hf-dir", type=Path, required=True, help="directory with config.json and safetensors")
-    p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (train --load / --config)")
+    p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (train --load DIR --finetune)")
     p.add_argument("--dtype", choices=dtypes, help="saved weights dtype (default: bf16 for bf16 files, else fp32)")
     p = sub.add_parser("megatron-to-hf", help="our checkpoint (any TP/PP) -> Hugging Face directory")
-    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory (the run's --save)")
+    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory (the run's --save, or one iter_*)")
     p.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
-    p.add_argument("--config", type=Path, help="YAML with the model section (default: <ckpt>/run_config.yaml)")
     p.add_argument("--dtype", choices=dtypes, help="dtype of the written weights (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--out", type=Path, required=True, help="new Hugging Face model directory")
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str] | None = None) -> int:
     from xlstm_megatron.convert.errors import ConvertError
+    from xlstm_megatron.runs.errors import ConfigError
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -53,13 +54,12 @@ def convert_main(argv: list[str] | None = None) -> int:
             from xlstm_megatron.convert.hf import megatron_to_hf
             from xlstm_megatron.convert.hf_files import parse_size
 
-            megatron_to_hf(args.ckpt, args.out, args.iteration, args.config, args.dtype,
-                           parse_size(args.max_shard_size))
+            megatron_to_hf(args.ckpt, args.out, args.iteration, args.dtype, parse_size(args.max_shard_size))
         else:
             from xlstm_megatron.convert.v1 import v1_to_checkpoint
 
             v1_to_checkpoint(args.state_dict, args.config, args.out, args.dtype)
-    except (ConvertError, OSError) as e:  # OSError: unreadable input, unwritable --out, full disk
+    except (ConvertError, ConfigError, OSError) as e:  # OSError: unreadable input, unwritable --out, full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

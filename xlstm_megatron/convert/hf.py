@@ -27,13 +27,13 @@ from xlstm_megatron.convert.megatron_io import (
     CheckpointParts,
     atomic_output_dir,
     check_tensors,
-    checkpoint_iteration_dir,
+    conversion_config,
+    converter_args,
     load_checkpoint_parts,
-    load_run_model,
-    model_config,
     save_converted,
     single_process,
 )
+from xlstm_megatron.runs.checkpoint import resolve_checkpoint_dir, saved_args
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -62,30 +62,33 @@ def hf_to_megatron(hf_dir: Path, out: Path, dtype: str | None = None) -> None:
         pieces = [reader.rows(theirs, a, b) for theirs, a, b in tmap.theirs_for_ours(name, start, stop)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    args = converter_args("large", model_kwargs, vocab, dtype)
     with atomic_output_dir(out) as tmp, single_process():
-        config = model_config("large", model_kwargs, DTYPES[dtype])
-        parts = CheckpointParts(config, vocab, DTYPES[dtype])
+        parts = CheckpointParts(args, DTYPES[dtype])
         _check_parts(parts, tmap)
         parts.fill(rows_of)
         extra = {"hf_config": hf, "converted_from": f"huggingface:{hf_dir.name}"}
-        save_converted(tmp, parts, config, "large", model_kwargs, vocab, extra)
+        save_converted(tmp, parts, extra)
 
 
 def megatron_to_hf(
-    ckpt: Path, out: Path, iteration: int | None = None, config_path: Path | None = None, dtype: str | None = None,
+    ckpt: Path, out: Path, iteration: int | None = None, dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
-    """Convert our checkpoint (latest or `iteration`, saved at any TP/PP) into a Hugging Face directory `out`."""
+    """Convert a Megatron checkpoint of ours (a run's --save directory, its latest or `iteration`, or one iter_*
+    directory; saved at any TP/PP) into a Hugging Face directory `out`. The model is the one the checkpoint's saved
+    args define."""
     ckpt, out = Path(ckpt), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
-    path = checkpoint_iteration_dir(ckpt, iteration)
-    block, model_kwargs = load_run_model(ckpt, config_path)
+    path = resolve_checkpoint_dir(ckpt, iteration, flag="--ckpt")
+    args = saved_args(path)
     with atomic_output_dir(out) as tmp, single_process():
         # Refuse what HF cannot hold before reading any weights.
-        hf_config_from_model(model_config(block, model_kwargs, torch.float32), 1, None)
-        parts, config, vocab, common = load_checkpoint_parts(path, block, model_kwargs, DTYPES.get(dtype or ""))
-        hf: dict[str, Any] = hf_config_from_model(config, vocab, (common.get("extra") or {}).get("hf_config"))
+        hf_config_from_model(conversion_config(args, torch.float32), 1, None)
+        parts, common = load_checkpoint_parts(path, DTYPES.get(dtype or ""))
+        extra = common.get("xlstm_extra") or {}
+        hf: dict[str, Any] = hf_config_from_model(parts.config, args.padded_vocab_size, extra.get("hf_config"))
         hf["dtype"] = HF_DTYPE_NAMES[parts.dtype]
         sizes, mode = hf_sizes(hf)
         tmap = large_tensor_map(sizes, mode)

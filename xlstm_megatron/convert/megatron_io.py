@@ -1,10 +1,10 @@
-"""Our side of every conversion: a one-process Megatron context, our checkpoint's tensors at TP=1 (without building
-a model in memory), and our checkpoint directories.
+"""Our side of every conversion: a one-process Megatron context, the Megatron arguments of a converted model, our
+checkpoint's tensors at TP=1 (without building a model in memory), and our checkpoint directories.
 
-A converted checkpoint is saved once at TP=1/PP=1 from `XLSTMModel.sharded_state_dict()`; Megatron's distributed
-checkpointing reshards it when a run of any TP/PP loads it. Its directory is what `xlstm-megatron train` writes:
-`iter_0000000/` (weights only, see `training.checkpoint`), `latest_checkpointed_iteration.txt` and `run_config.yaml`
-(the model section, plus the train settings that keep the vocabulary unpadded), usable as `train --config`.
+A converted checkpoint is a weights-only Megatron checkpoint (`runs.checkpoint.save_weights_state`) saved once at
+TP=1/PP=1 from `XLSTMModel.sharded_state_dict()`: `iter_0000000/` with the model's Megatron args in its common state
+and `latest_checkpointed_iteration.txt`. Megatron's distributed checkpointing reshards it when a run of any TP/PP
+loads it (`--load DIR --finetune`, `generate --load DIR`, `convert megatron-to-hf`).
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ import contextlib
 import os
 import shutil
 import tempfile
+from argparse import Namespace
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from xlstm_megatron.convert.errors import ConvertError
+from xlstm_megatron.runs.errors import ConfigError
 
-RUN_CONFIG = "run_config.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# XLSTMConfig fields whose Megatron flag is not `--<field-with-dashes>`.
+FLAG_NAMES = {"layernorm_epsilon": "--norm-epsilon"}
+DEFAULT_SEQ_LENGTH = 2048
+"""Recorded as the converted model's --seq-length (a recurrent model has no maximum; a run that continues from the
+checkpoint passes its own)."""
 
 
 def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
@@ -75,18 +80,57 @@ def single_process() -> Iterator[None]:
         shutil.rmtree(store_dir, ignore_errors=True)
 
 
-def model_config(block: str, model_kwargs: dict[str, Any], dtype: torch.dtype) -> Any:
-    """The XLSTMConfig of a TP=1 model for conversion (parameters allocated, not initialised)."""
-    from xlstm_megatron.compat import cpu_config_overrides
-    from xlstm_megatron.layers.config import make_xlstm_config
+def converter_args(
+    block: str, model_kwargs: dict[str, Any], vocab_size: int, dtype: str, seq_length: int = DEFAULT_SEQ_LENGTH
+) -> Namespace:
+    """The validated Megatron arguments of a converted model (`make_xlstm_config` kwargs of family `block`): what
+    `megatron_args` gives for the equivalent command line, with the vocabulary exactly `vocab_size` (unpadded)."""
+    from xlstm_megatron.layers.config import MEGATRON_FAMILY_DEFAULTS
+    from xlstm_megatron.runs.args import family_ffn_hidden_size, megatron_args
+
+    kwargs = {**MEGATRON_FAMILY_DEFAULTS[block], **model_kwargs}
+    factor, width = kwargs.get("ffn_proj_factor"), kwargs.get("ffn_hidden_size")
+    if factor is not None and width is not None and family_ffn_hidden_size(
+            Namespace(xlstm_block=block, ffn_proj_factor=factor, hidden_size=kwargs["hidden_size"])) != width:
+        del kwargs["ffn_proj_factor"]  # another rounding made the width (HF's multiple): the width is what counts
+    argv = [
+        "--xlstm-block", block, "--transformer-impl", "local", "--seq-length", str(seq_length),
+        "--max-position-embeddings", str(seq_length), "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", str(vocab_size), "--padded-vocab-size", str(vocab_size), "--make-vocab-size-divisible-by", "1",
+    ]
+    if dtype == "bf16":
+        argv.append("--bf16")
+    for name, value in kwargs.items():
+        argv += [FLAG_NAMES.get(name, "--" + name.replace("_", "-")), str(value)]
+    try:
+        args = megatron_args(argv)
+    except (AssertionError, ValueError) as e:  # Megatron's checks are assertions; ours ConfigErrors
+        raise ConvertError(f"our model cannot take these settings: {e}".splitlines()[0]) from None
+    except SystemExit:  # argparse: a value our flags refuse
+        raise ConvertError(f"our model cannot take these settings: {' '.join(argv)}") from None
+    args.padded_vocab_size = vocab_size  # what Megatron's tokenizer set-up fills in a training run
+    return args
+
+
+def args_at_tp1(args: Namespace) -> Namespace:
+    """A copy of `args` for a conversion process: TP=PP=1, no sequence parallel or virtual stages, local modules and
+    torch kernels (a conversion never runs them; a GPU run's TE / Triton / FP8 settings need hardware)."""
+    from xlstm_megatron.runs.checkpoint import with_layout
+
+    args = with_layout(args)
+    args.transformer_impl, args.mlstm_kernel, args.slstm_kernel, args.fp8 = "local", "torch", "torch", None
+    return args
+
+
+def conversion_config(args: Namespace, dtype: torch.dtype) -> Any:
+    """The XLSTMConfig of a TP=1 model of `args` with local (non-TE) modules, whose parameter names are the tensor
+    maps' (TE checkpoints share the keys), parameters allocated in `dtype`, not initialised."""
+    from xlstm_megatron.runs.model import xlstm_config_from_args
 
     try:
-        return make_xlstm_config(
-            block, **model_kwargs, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-            params_dtype=dtype, perform_initialization=False, **cpu_config_overrides(),
-        )
-    except (ValueError, AssertionError, TypeError) as e:  # Megatron's own config checks are assertions
-        raise ConvertError(f"our model cannot take these settings: {e}".splitlines()[0]) from None
+        return xlstm_config_from_args(args_at_tp1(args), params_dtype=dtype, perform_initialization=False)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
 
 
 @dataclass
@@ -112,17 +156,16 @@ class CheckpointParts:
     real model's fused weights would briefly hold them twice; independent parts keep conversions at one copy.
     """
 
-    def __init__(self, config: Any, vocab_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, args: Namespace, dtype: torch.dtype) -> None:
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-        from xlstm_megatron.models.xlstm_model import XLSTMModel
-        from xlstm_megatron.training.checkpoint import model_sharded_state
+        from xlstm_megatron.runs.checkpoint import model_sharded_state
+        from xlstm_megatron.runs.model import build_xlstm_model
 
+        self.args, self.config = args, conversion_config(args, dtype)
         with torch.device("meta"):
-            # the local spec's parameter names are the tensor map's; its checkpoint keys equal the TE spec's
-            model = XLSTMModel(config, vocab_size, max_sequence_length=1, pre_process=True, post_process=True,
-                               use_te=False)
+            model = build_xlstm_model(args_at_tp1(args), self.config)
         names = {id(p): n for n, p in model.named_parameters()}
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.state = model_sharded_state([model])
@@ -180,29 +223,11 @@ class CheckpointParts:
         return next(p.data.dtype for parts in self.parts.values() for p in parts)
 
 
-def architecture(config: Any, vocab_size: int) -> dict[str, Any]:
-    from xlstm_megatron.training.checkpoint import architecture as arch
+def save_converted(root: Path, parts: CheckpointParts, extra: dict[str, Any]) -> None:
+    """`parts` as a weights-only Megatron checkpoint at iteration 0 (`extra`: what the export needs back)."""
+    from xlstm_megatron.runs.checkpoint import save_weights_state
 
-    return arch(config, vocab_size)
-
-
-def run_config_yaml(block: str, model_kwargs: dict[str, Any], vocab_size: int) -> str:
-    """`train --config` file of a converted model; the vocabulary stays unpadded (TP must divide it)."""
-    doc = {
-        "model": {"xlstm_block": block, **model_kwargs},
-        "train": {"vocab_size": vocab_size, "make_vocab_size_divisible_by": 1},
-    }
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
-def save_converted(
-    root: Path, parts: CheckpointParts, config: Any, block: str, model_kwargs: dict[str, Any], vocab_size: int,
-    extra: dict[str, Any],
-) -> None:
-    from xlstm_megatron.training.checkpoint import save_weights_checkpoint
-
-    save_weights_checkpoint(root, parts.state, architecture(config, vocab_size), extra)
-    (root / RUN_CONFIG).write_text(run_config_yaml(block, model_kwargs, vocab_size))
+    save_weights_state(parts.state, root, 0, parts.args, extra=extra)
 
 
 @contextlib.contextmanager
@@ -223,40 +248,6 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def load_run_model(ckpt_root: Path, config_path: Path | None) -> tuple[str, dict[str, Any]]:
-    """(family, model kwargs) of a checkpoint directory, from its `run_config.yaml` (or `config_path`)."""
-    from xlstm_megatron.layers.config import pattern_from_positions
-
-    path = config_path or ckpt_root / RUN_CONFIG
-    if not path.is_file():
-        raise ConvertError(f"{path} does not exist; pass the run's YAML (its `model:` section) with --config")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConvertError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise ConvertError(f"{path} has no `model:` section")
-    model = dict(doc["model"])
-    if "slstm_at" in model:
-        model["xlstm_pattern"] = pattern_from_positions(model["num_layers"], model.pop("slstm_at"))
-    return model.pop("xlstm_block", "large"), model
-
-
-def checkpoint_iteration_dir(ckpt_root: Path, iteration: int | None) -> Path:
-    from xlstm_megatron.training.checkpoint import iteration_dir, latest_iteration
-
-    try:
-        it = latest_iteration(ckpt_root) if iteration is None else iteration
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    if it is None:
-        raise ConvertError(f"{ckpt_root} has no checkpoint (no latest_checkpointed_iteration.txt); check --ckpt")
-    path = iteration_dir(ckpt_root, it)
-    if not path.is_dir():
-        raise ConvertError(f"{path} does not exist; check --ckpt / --iteration")
-    return path
-
-
 def saved_dtype(path: Path, key: str = "embedding.word_embeddings.weight") -> torch.dtype:
     from megatron.core import dist_checkpointing
 
@@ -266,24 +257,18 @@ def saved_dtype(path: Path, key: str = "embedding.word_embeddings.weight") -> to
     return meta[key].dtype
 
 
-def load_checkpoint_parts(path: Path, block: str, model_kwargs: dict[str, Any], dtype: torch.dtype | None):
-    """(CheckpointParts holding the checkpoint's weights, config, vocab size, common state) of a checkpoint saved at
-    any TP/PP (resharded on load, into the parts in place). Call inside `single_process()`."""
+def load_checkpoint_parts(path: Path, dtype: torch.dtype | None) -> tuple[CheckpointParts, dict[str, Any]]:
+    """(CheckpointParts holding the weights, common state) of a checkpoint saved at any TP/PP (resharded on load,
+    into the parts in place), its model built from the args it saved. Call inside `single_process()`."""
     from megatron.core import dist_checkpointing
 
-    from xlstm_megatron.training.checkpoint import check_architecture
-    from xlstm_megatron.training.run_config import ConfigError
+    from xlstm_megatron.runs.checkpoint import MODEL_METADATA, common_state, load_sharded, saved_args
 
-    try:
-        common = check_architecture(path, {})
-    except ConfigError as e:
-        raise ConvertError(str(e)) from None
-    vocab = common["arch"]["vocab_size"]
-    config = model_config(block, model_kwargs, dtype or saved_dtype(path))
-    try:
-        check_architecture(path, architecture(config, vocab))
-    except ConfigError as e:
-        raise ConvertError(f"{e} (the model section of run_config.yaml does not match the checkpoint)") from None
-    parts = CheckpointParts(config, vocab, config.params_dtype)
-    parts.adopt(dist_checkpointing.load(parts.state, str(path)))
-    return parts, config, vocab, common
+    args = saved_args(path)
+    common = common_state(path)
+    parts = CheckpointParts(args, dtype or saved_dtype(path))
+    saved_metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
+    if any(saved_metadata.get(k, v) != v for k, v in MODEL_METADATA.items()):
+        raise ConvertError(f"{path} was saved with sharding metadata {saved_metadata}, which conversion does not read")
+    parts.adopt(load_sharded(parts.state, path))
+    return parts, common

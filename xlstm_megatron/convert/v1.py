@@ -1,4 +1,4 @@
-"""Official v1 `xLSTMLMModel` state dict (+ its config) -> our checkpoint directory (v1 family).
+"""Official v1 `xLSTMLMModel` state dict (+ its config) -> a Megatron checkpoint of our v1 model.
 
 The state dict is opened memory-mapped and mapped by `official.v1_to_megatron` (which swaps the sLSTM module names
 `igate`/`fgate` back into their gate slots); our checkpoint's tensors are filled from it and saved weights-only at
@@ -13,11 +13,12 @@ import torch
 
 from xlstm_megatron.convert.errors import ConvertError
 from xlstm_megatron.convert.megatron_io import (
+    DEFAULT_SEQ_LENGTH,
     DTYPES,
     CheckpointParts,
     atomic_output_dir,
     check_tensors,
-    model_config,
+    converter_args,
     save_converted,
     single_process,
 )
@@ -53,9 +54,10 @@ def v1_to_checkpoint(state_dict: Path, config: Path, out: Path, dtype: str = "fp
         raise ConvertError(f"{state_dict.name}: {e.args[0]}") from None
     except RuntimeError as e:  # a reshape that does not fit: shapes disagree with the config
         raise ConvertError(f"{state_dict.name} does not fit the config: {e}".splitlines()[0]) from None
+    seq_length = layout.context_length if layout.context_length > 0 else DEFAULT_SEQ_LENGTH
+    args = converter_args("v1", model_kwargs, vocab, dtype, seq_length=seq_length)
     with atomic_output_dir(out) as tmp, single_process():
-        cfg = model_config("v1", model_kwargs, DTYPES[dtype])
-        parts = CheckpointParts(cfg, vocab, DTYPES[dtype])
+        parts = CheckpointParts(args, DTYPES[dtype])
         check_tensors(parts.shapes, {n: tuple(t.shape) for n, t in ours.items()}, f"{state_dict.name} (mapped)")
         parts.fill(lambda name, start, stop: ours[name][start:stop])
-        save_converted(tmp, parts, cfg, "v1", model_kwargs, vocab, {"converted_from": f"xlstm-v1:{state_dict.name}"})
+        save_converted(tmp, parts, {"converted_from": f"xlstm-v1:{state_dict.name}"})

@@ -23,7 +23,7 @@ SLSTM_LAYER_DEFAULTS = dict(num_heads=4, conv1d_kernel_size=4, group_norm_weight
 FEEDFORWARD_DEFAULTS = dict(proj_factor=1.3, act_fn="gelu", round_proj_up_dim_up=True, round_proj_up_to_multiple_of=64,
                             ff_type="ffn_gated", bias=False)
 STACK_DEFAULTS = dict(num_blocks=1, embedding_dim=128, add_post_blocks_norm=True, bias=False, slstm_at=[],
-                      vocab_size=-1, tie_weights=False)
+                      vocab_size=-1, tie_weights=False, context_length=-1)
 ACTIVATIONS = {"gelu": "gelu", "swish": "silu"}  # official act_fn name -> our ffn_activation
 
 
@@ -35,6 +35,8 @@ class V1Layout:
     mlstm_heads: int
     slstm_heads: int
     slstm_backend: str
+    context_length: int
+    """The official config's context_length (recorded as the checkpoint's --seq-length when > 0)."""
 
 
 def read_v1_config(path: Path) -> dict[str, Any]:
@@ -117,5 +119,5 @@ def model_kwargs_from_v1(cfg: dict[str, Any]) -> tuple[dict[str, Any], int, V1La
     kwargs["conv_kernel_size"] = kernels.pop()
     mlstm_heads = int(m["num_heads"]) if "m" in pattern else int(s["num_heads"])
     kwargs["num_attention_heads"] = mlstm_heads
-    layout = V1Layout(pattern, mlstm_heads, int(s["num_heads"]), str(s["backend"]))
+    layout = V1Layout(pattern, mlstm_heads, int(s["num_heads"]), str(s["backend"]), int(top["context_length"]))
     return kwargs, int(top["vocab_size"]), layout

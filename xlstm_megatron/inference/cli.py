@@ -1,16 +1,18 @@
-"""`xlstm-megatron generate`: continue a prompt with a model trained by `xlstm-megatron train`.
+"""`xlstm-megatron generate`: continue a prompt with a model from a Megatron checkpoint of ours.
 
     xlstm-megatron generate --load runs/demo --prompt "ROMEO." --max-new-tokens 64 [--nproc 2]
 
-Loads the latest (or `--iteration`) checkpoint of the run directory, the tokenizer the run trained with (or
-`--tokenizer-model ...`), and prints each prompt's continuation (stdout of rank 0; a trailing stop token is not
-printed). Runs under torchrun/srun or starts `--nproc` local processes, like `train`; the tensor-parallel size
-defaults to the training run's.
+Loads the latest (or `--iteration`) checkpoint of the run directory (a `--save` directory of `xlstm-megatron train`,
+or a converter's output; also one `iter_*` directory), builds the model its saved args define, loads the tokenizer
+those args name (or `--tokenizer-model ...`), and prints each prompt's continuation (stdout of rank 0; a trailing
+stop token is not printed). Runs under torchrun/srun or starts `--nproc` local processes, like `train`; the
+tensor-parallel size defaults to the training run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +32,8 @@ class _Request:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlstm-megatron generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="run directory written by `xlstm-megatron train` (its --save)")
+    p.add_argument("--load", required=True, help="checkpoint directory (a run's --save, a converter's --out, or one "
+                                                 "iter_* directory)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
     p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for a batch (default: '')")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -50,28 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tokenizer_spec(args: argparse.Namespace, run) -> TokenizerSpec:
-    """The tokenizer named by the flags, else the one the run trained with."""
+# Megatron tokenizer types whose files our loader reads under another name.
+MEGATRON_TOKENIZER_TYPES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+
+
+def _tokenizer_spec(args: argparse.Namespace, saved: argparse.Namespace) -> TokenizerSpec:
+    """The tokenizer named by the flags, else the one the checkpoint's saved args name."""
     if args.tokenizer_model or args.vocab_file:
         return TokenizerSpec(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
                              merge_file=args.merge_file, eod_token=args.eod_token)
-    if run.mock_data:
-        return TokenizerSpec("NullTokenizer", vocab_size=run.vocab_size)
-    if run.demo_data:
-        from xlstm_megatron.data.preprocess import prepare_demo_data  # idempotent: reuses the run's files
+    kind = MEGATRON_TOKENIZER_TYPES.get(saved.tokenizer_type, saved.tokenizer_type)
+    if kind == "NullTokenizer":  # Megatron's: ids 0..vocab_size-1 plus the end-of-document id vocab_size
+        return TokenizerSpec("NullTokenizer", vocab_size=saved.vocab_size + 1)
+    return TokenizerSpec(kind, tokenizer_model=saved.tokenizer_model, vocab_file=saved.vocab_file,
+                         merge_file=saved.merge_file, eod_token=args.eod_token)
 
-        _, tokenizer_dir = prepare_demo_data(run.demo_data_dir, run.demo_vocab_size, max_plays=run.demo_max_plays)
-        return TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=tokenizer_dir)
-    return TokenizerSpec(run.tokenizer_type, tokenizer_model=run.tokenizer_model, vocab_file=run.vocab_file,
-                         merge_file=run.merge_file, vocab_size=run.vocab_size, eod_token=run.eod_token)
+
+def _logs_to_stderr() -> None:
+    """The continuations own stdout: importing megatron.training's loop would point the root logger there (its
+    `basicConfig` is a no-op once the root logger has a handler)."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 
 
 def _worker(source, tokenizer_spec: TokenizerSpec, request: _Request) -> None:
+    _logs_to_stderr()
     from xlstm_megatron.inference.generate import generate
     from xlstm_megatron.inference.loading import load_model
-    from xlstm_megatron.training.distributed import init_worker, shutdown_worker
+    from xlstm_megatron.runs.launch import init_parallel, shutdown_parallel
 
-    env = init_worker(source.run)
+    env = init_parallel(source.tensor_model_parallel_size, 1, seed=source.args.seed)
     model = load_model(source)
     tokenizer = tokenizer_spec.load()
     prompts = [tokenizer.encode(text) or [tokenizer.eod_id] for text in request.prompts]
@@ -83,7 +93,7 @@ def _worker(source, tokenizer_spec: TokenizerSpec, request: _Request) -> None:
     if env.rank == 0:
         for new in out.tokens:
             print(tokenizer.decode(new[:-1] if new and new[-1] in stops else new), flush=True)
-    shutdown_worker()
+    shutdown_parallel()
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -92,10 +102,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     from xlstm_megatron.inference.generate import check_generation_support
     from xlstm_megatron.inference.loading import resolve_checkpoint
     from xlstm_megatron.inference.sampling import check_sampling_args
-    from xlstm_megatron.training.distributed import check_world, launch_env, run_processes
-    from xlstm_megatron.training.run_config import ConfigError
-    from xlstm_megatron.training.trainer import build_model_config
+    from xlstm_megatron.runs.checkpoint import saved_args
+    from xlstm_megatron.runs.errors import ConfigError
+    from xlstm_megatron.runs.launch import launch_env, run_processes
+    from xlstm_megatron.runs.model import xlstm_config_from_args
 
+    _logs_to_stderr()
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     request = _Request(args.prompt or [""], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        args.seed, args.stop_at_eod)
@@ -104,12 +116,15 @@ def generate_main(argv: list[str] | None = None) -> int:
         if request.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {request.max_new_tokens}")
         source = resolve_checkpoint(args.load, args.iteration, args.tensor_model_parallel_size, args.seed)
-        check_generation_support(build_model_config(source.model_kwargs, source.run))
-        tokenizer_spec = _tokenizer_spec(args, source.run)
+        check_generation_support(xlstm_config_from_args(source.args))
+        tokenizer_spec = _tokenizer_spec(args, saved_args(source.path))
         check_tokenizer_matches_model(tokenizer_spec.load(), source.vocab_size)
         env = launch_env()
-        nproc = args.nproc or source.run.tensor_model_parallel_size
-        check_world(source.run, env.world_size if env.launched else nproc)
+        tp = source.tensor_model_parallel_size
+        nproc = args.nproc or tp
+        world = env.world_size if env.launched else nproc
+        if world % tp:
+            raise ConfigError(f"{world} processes cannot hold TP={tp}; use a multiple of {tp} processes (--nproc)")
     except (ConfigError, DataConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

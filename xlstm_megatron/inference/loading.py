@@ -1,92 +1,84 @@
-"""A model for generation from a checkpoint directory written by `xlstm-megatron train`.
+"""A model for generation from a Megatron checkpoint of ours (what `xlstm-megatron train` / `pretrain()` saves, or a
+converter writes).
 
-The directory holds `run_config.yaml` (the run's `model` and `train` sections), `latest_checkpointed_iteration.txt`
-and `iter_NNNNNNN/` dist checkpoints. Only the model weights are read (no optimizer); dist checkpoints reshard, so
-any tensor-parallel size that divides the heads and the padded vocab works, and a pipeline-parallel checkpoint loads
-into one stage.
+`--load` is the run's `--save` directory (`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/`) or one `iter_*`
+directory. The model is the one the checkpoint's saved Megatron args define, laid out for generation (TP as asked,
+PP 1, no sequence parallel); only its weights are read (no optimizer), resharded from whatever TP/PP it was saved at.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
-from xlstm_megatron.training import checkpoint as ckpt
-from xlstm_megatron.training.run_config import ConfigError, RunConfig
-
-RUN_CONFIG = "run_config.yaml"
+from xlstm_megatron.runs.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class CheckpointSource:
     """What a generation worker needs to rebuild the model (small and picklable)."""
 
-    model_kwargs: dict[str, Any]
-    run: RunConfig
-    """The training run's config with the generation layout: TP as asked, PP 1, no sequence parallel."""
+    args: Namespace
+    """The checkpoint's saved args in the generation layout (TP as asked, PP 1, no sequence parallel)."""
     path: Path
     """The iteration directory."""
-    vocab_size: int
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.args.padded_vocab_size)
+
+    @property
+    def tensor_model_parallel_size(self) -> int:
+        return int(self.args.tensor_model_parallel_size)
 
 
-def resolve_checkpoint(root: str | Path, iteration: int | None = None, tensor_parallel: int | None = None,
+def generation_args(saved: Namespace, tensor_parallel: int | None = None) -> Namespace:
+    """Saved args laid out for generation on this machine: TP as asked (default the run's), PP 1, no sequence
+    parallel; without CUDA, the kernels that need it fall back to torch (the weights are the same)."""
+    from xlstm_megatron.runs.checkpoint import with_layout
+
+    args = with_layout(saved, tensor_parallel or saved.tensor_model_parallel_size)
+    if not torch.cuda.is_available():
+        args.mlstm_kernel = "auto" if args.mlstm_kernel == "triton" else args.mlstm_kernel
+        args.slstm_kernel = "auto" if args.slstm_kernel == "triton" else args.slstm_kernel
+        args.fp8 = None
+    return args
+
+
+def resolve_checkpoint(load: str | Path, iteration: int | None = None, tensor_parallel: int | None = None,
                        seed: int | None = None) -> CheckpointSource:
-    """Read the run config and the checkpoint's architecture record; raises ConfigError with the fix."""
-    from xlstm_megatron.training.trainer import build_model_config
+    """Find the checkpoint and read its saved args; raises ConfigError (one line, with the fix) for a missing or
+    foreign directory and for a TP the model cannot be split over."""
+    from xlstm_megatron.runs.checkpoint import resolve_checkpoint_dir, saved_args
+    from xlstm_megatron.runs.model import xlstm_config_from_args
 
-    root = Path(root)
-    config_file = root / RUN_CONFIG
-    if not config_file.is_file():
-        raise ConfigError(f"{config_file} not found; --load must be a directory written by `xlstm-megatron train`")
-    doc = yaml.safe_load(config_file.read_text()) or {}
-    model_kwargs = dict(doc.get("model") or {})
-    train = {f.name: doc["train"][f.name] for f in dataclasses.fields(RunConfig) if f.name in (doc.get("train") or {})}
-    if iteration is None:
-        iteration = ckpt.latest_iteration(root)
-        if iteration is None:
-            raise ConfigError(f"{root} has no {ckpt.LATEST}; train (with --save) first or pass --iteration")
-    path = ckpt.iteration_dir(root, iteration)
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint {path} does not exist; pick an iteration that was saved")
-    tp = tensor_parallel or train.get("tensor_model_parallel_size", 1)
-    run = dataclasses.replace(
-        RunConfig(**train), tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, sequence_parallel=False, nproc=tp,
-        seed=train.get("seed", 1234) if seed is None else seed,
-    )
-    from megatron.core import dist_checkpointing
-
-    arch = dist_checkpointing.load_common_state_dict(str(path)).get("arch")
-    if arch is None:
-        raise ConfigError(f"{path} is not an xlstm-megatron checkpoint (no architecture record); check --load")
-    config = build_model_config(model_kwargs, run)
-    ckpt.check_architecture(path, ckpt.architecture(config, arch["vocab_size"]))
-    if arch["vocab_size"] % tp:
-        raise ConfigError(f"the checkpoint's vocab {arch['vocab_size']} does not split over TP={tp}; use another TP")
-    return CheckpointSource(model_kwargs, run, path, arch["vocab_size"])
+    path = resolve_checkpoint_dir(load, iteration)
+    args = generation_args(saved_args(path), tensor_parallel)
+    if seed is not None:
+        args.seed = seed
+    xlstm_config_from_args(args)  # the model's own checks (heads divisible by TP, ...), before any process starts
+    tp, vocab = args.tensor_model_parallel_size, args.padded_vocab_size
+    if vocab % tp:
+        raise ConfigError(f"the checkpoint's vocab {vocab} does not split over TP={tp}; use another TP")
+    return CheckpointSource(args, path)
 
 
 @torch.no_grad()
 def load_model(source: CheckpointSource) -> torch.nn.Module:
-    """Build the model on this rank (parallel state initialised for `source.run`) and load its weights."""
-    from megatron.core import dist_checkpointing
+    """Build the model on this rank (parallel state initialised at the source's TP, PP 1) and load its weights."""
     from megatron.core.transformer.module import Float16Module
 
-    from xlstm_megatron.models.xlstm_model import XLSTMModel
-    from xlstm_megatron.training.trainer import build_model_config
+    from xlstm_megatron.runs.checkpoint import load_model_weights
+    from xlstm_megatron.runs.model import build_xlstm_model, xlstm_config_from_args
 
-    config = build_model_config(source.model_kwargs, source.run)
-    model: torch.nn.Module = XLSTMModel(config, source.vocab_size, source.run.seq_length)
+    config = xlstm_config_from_args(source.args)
+    model: torch.nn.Module = build_xlstm_model(source.args, config, pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    if source.run.bf16:
+    if source.args.bf16 or source.args.fp16:
         model = Float16Module(config, model)
-    sharded = {"model": model.sharded_state_dict(metadata={"singleton_local_shards": False})}
-    loaded = dist_checkpointing.load(sharded, str(source.path))
-    model.load_state_dict(loaded["model"])
+    load_model_weights([model], source.path)
     return model.eval()

@@ -5,7 +5,9 @@ Forward: the torch side builds the per-chunk gate vectors (O(S) elementwise work
 chunks in parallel. Saved for backward: the inputs, the stabiliser before every chunk, q.n and m per row (and h for
 the exact semantics), and either the fp32 states before every chunk or, by default (as TFLA), nothing more: backward
 re-runs the state scan. The saved states take 2 * DQK * DV / (L * (2 * DQK + DV)) times the bytes of bf16 q, k, v
-(4x at the xLSTM 7B heads with L = 64), the re-run scan one of the six kernels' time. Backward: a reverse scan for
+(4x at the xLSTM 7B heads with L = 64), the re-run scan one of the six kernels' time. When they are not kept, the
+forward does not hold them all either: it scans and reads out segments of chunks whose states take at most the bytes
+of v (`segment_chunks`), e.g. 8 segments at the 7B heads, L = 64, whatever the length. Backward: a reverse scan for
 the state gradients, then dq, dk, dv in parallel over chunks, each recomputing its L x L blocks; the gate gradients
 follow from q.dq and k.dk row sums (see chunkwise_backward.py).
 """
@@ -21,10 +23,29 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from xlstm_megatron.ops.mlstm.chunkwise_forward import chunk_gates
-from xlstm_megatron.ops.mlstm.common import MLSTMState, check_shapes, normaliser_floor
-from xlstm_megatron.ops.mlstm.triton.launch import MIN_TILE, dtype_meta, launch, use_autotune
+from xlstm_megatron.ops.mlstm.common import MLSTMState, check_shapes
+from xlstm_megatron.ops.mlstm.triton.launch import check_grid, dtype_meta, launch, max_dqk_tiles, use_autotune
 
 F32 = torch.float32
+# exp(-m) is clamped at exp(88) (finite in fp32; ln(FLT_MAX) rounds up to a value whose exp is inf), as the kernels do
+FLOOR_MAX_EXPONENT = 88.0
+
+
+def finite_floor(m: Tensor) -> Tensor:
+    """exp(-m), the normaliser's lower bound, clamped to a finite fp32 value (it only matters where h is ~1e-38)."""
+    return torch.exp(torch.clamp(-m, max=FLOOR_MAX_EXPONENT))
+
+
+def segment_chunks(BH: int, NC: int, DQK: int, DV: int, v_bytes: int) -> int:
+    """Chunks per forward segment when the states are not kept: their fp32 states take at most the bytes of v."""
+    per_chunk = BH * (DQK * DV + DQK) * 4
+    return max(1, min(NC, v_bytes // per_chunk))
+
+
+def _state_buffers(BH: int, chunks: int, DQK: int, DV: int, dev) -> tuple[Tensor, Tensor]:
+    """fp32 C, n before each of `chunks` chunks."""
+    return (torch.empty(BH, chunks, DQK, DV, device=dev, dtype=F32),
+            torch.empty(BH, chunks, DQK, device=dev, dtype=F32))
 
 
 def _gate_vectors(i: Tensor, f: Tensor, L: int, NC: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -51,9 +72,10 @@ class _Geometry:
         self.NC = -(-self.S // self.L)
         self.Sp = self.NC * self.L
 
-    def chunk_grid(self, tile: str, dim: int):
-        """Grid of the per-chunk kernels: (chunks x row blocks, tiles of `dim`, heads)."""
-        return lambda meta: (self.NC * triton.cdiv(self.L, meta["BL"]), triton.cdiv(dim, meta[tile]), self.BH)
+    def chunk_grid(self, tile: str, dim: int, chunks: int | None = None):
+        """Grid of the per-chunk kernels: (chunks x row blocks, tiles of `dim`, heads); all chunks by default."""
+        chunks = self.NC if chunks is None else chunks
+        return lambda meta: (chunks * triton.cdiv(self.L, meta["BL"]), triton.cdiv(dim, meta[tile]), self.BH)
 
     def scan_grid(self):
         return lambda meta: (triton.cdiv(self.DQK, meta["BK"]), triton.cdiv(self.DV, meta["BV"]), self.BH)
@@ -72,18 +94,19 @@ def _initial_state(C0: Tensor | None, n0: Tensor | None, m0: Tensor | None, g: _
 
 
 def _scan_states(k_: Tensor, v_: Tensor, gates: tuple[Tensor, Tensor, Tensor], state0: tuple[Tensor, ...],
-                 g: _Geometry, meta: dict, tune: bool) -> tuple[Tensor, ...]:
-    """Kernel 1: the fp32 states before every chunk (Cs, ns), the stabilisers (Ms) and the final C, n."""
+                 g: _Geometry, meta: dict, tune: bool, Ms: Tensor, first: int = 0, end: int | None = None,
+                 out: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+    """Kernel 1 over chunks first <= c < end (default: all), from state0 = (C, n, m) before chunk `first`: the fp32
+    states before those chunks (Cs, ns), the stabilisers (into Ms) and the state after them (Cf, nf, written to
+    `out` if given; it must not alias state0)."""
+    end = g.NC if end is None else end
     b, u, ucm = gates
     C0_, n0_, m0_ = state0
-    dev = k_.device
-    Cs = torch.empty(g.BH, g.NC, g.DQK, g.DV, device=dev, dtype=F32)
-    ns = torch.empty(g.BH, g.NC, g.DQK, device=dev, dtype=F32)
-    Ms = torch.empty(g.BH, g.NC + 1, device=dev, dtype=F32)
-    Cf, nf = torch.empty_like(C0_), torch.empty_like(n0_)
-    args = (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, g.S, g.NC)
+    Cs, ns = _state_buffers(g.BH, end - first, g.DQK, g.DV, k_.device)
+    Cf, nf = out if out is not None else (torch.empty_like(C0_), torch.empty_like(n0_))
+    args = (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, g.S, g.NC, first, end, end - first)
     launch("fwd_states", g.scan_grid(), args, meta, tune)
-    return Cs, ns, Ms, Cf, nf
+    return Cs, ns, Cf, nf
 
 
 class _MLSTMChunkwiseTriton(torch.autograd.Function):
@@ -100,17 +123,25 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         state0 = _initial_state(C0, n0, m0, g, dev)
         meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q.dtype)}
         tune = use_autotune(q)
-        Cs, ns, Ms, Cf, nf = _scan_states(k_, v_, (b, u, ucm), state0, g, meta, tune)
-
+        gates = (b, u, ucm)
+        Ms = torch.empty(BH, NC + 1, device=dev, dtype=F32)
         h = torch.empty(BH, S, DV, device=dev, dtype=q.dtype)
         den = torch.empty(BH, g.Sp, device=dev, dtype=F32)
         m_rows = torch.empty_like(den)
-        args = (q_, k_, v_, u, ucm, b, Cs, ns, Ms, h, den, m_rows, S, NC, DQK**-0.5, eps)
-        launch("fwd_out", g.chunk_grid("BV", DV), args, meta, tune)
+        seg = segment_chunks(BH, NC, DQK, DV, v.numel() * v.element_size()) if recompute_states else NC
+        ends = [(first, min(first + seg, NC)) for first in range(0, NC, seg)]
+        # the state after a segment is the next one's start: two buffers in turn (a scan must not write its input)
+        turns = [(torch.empty_like(state0[0]), torch.empty_like(state0[1])) for _ in range(min(2, len(ends)))]
+        start = state0
+        for j, (first, end) in enumerate(ends):
+            Cs, ns, Cf, nf = _scan_states(k_, v_, gates, start, g, meta, tune, Ms, first, end, turns[j % 2])
+            args = (q_, k_, v_, u, ucm, b, Cs, ns, Ms, h, den, m_rows, S, NC, first, end - first, DQK**-0.5, eps)
+            launch("fwd_out", g.chunk_grid("BV", DV, end - first), args, meta, tune)
+            start = (Cf, nf, Ms[:, end].contiguous())
 
         h = h.view(*g.shape_bnh, S, DV)
         # recomputing needs the initial C, n (one state); otherwise the states before every chunk are kept
-        saved_states = (state0[0], state0[1]) if recompute_states else (Cs, ns)
+        saved_states = (state0[0], state0[1]) if recompute_states else (Cs, ns)  # one segment if kept
         ctx.save_for_backward(q_, k_, v_, i, f, state0[2], *saved_states, Ms, Cf, nf, den, m_rows,
                               h if exact else None)
         ctx.meta = (chunk_size, eps, exact, C0 is not None, tuple(t.dtype for t in (q, k, v, i, f)), recompute_states)
@@ -134,9 +165,9 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q_.dtype)}
         tune, scale = use_autotune(q_), DQK**-0.5
         if recompute_states:  # Cs, ns hold the initial C, n: re-run kernel 1 (deterministic: the same states)
-            Cs, ns = _scan_states(k_, v_, (b, u, ucm), (Cs, ns, m0_), g, meta, tune)[:2]
+            Cs, ns = _scan_states(k_, v_, (b, u, ucm), (Cs, ns, m0_), g, meta, tune, Ms.clone())[:2]
 
-        floor = normaliser_floor(m_rows)
+        floor = finite_floor(m_rows)
         norm = torch.maximum(den.abs(), floor) + eps
         dh_ = torch.zeros_like(v_) if dh is None else dh.reshape(BH, S, DV).contiguous()
         dden = hdh = None
@@ -158,19 +189,18 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         launch("bwd_states", g.scan_grid(), args, {**meta, **flags}, tune)
 
         dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
-        max_tiles = triton.cdiv(DQK, MIN_TILE)
-        qdq = torch.empty(max_tiles, BH, g.Sp, device=dev, dtype=F32)
-        kdk = torch.empty_like(qdq)
+        # per-DQK-tile partial sums; zeros where the tuned tiles are larger than the smallest candidate's
+        qdq = torch.zeros(max_dqk_tiles(DQK, tune), BH, g.Sp, device=dev, dtype=F32)
+        kdk = torch.zeros_like(qdq)
         args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, Cs, ns, Ms, dq, qdq, S, NC, scale)
-        tiles_q = launch("bwd_dq", g.chunk_grid("BK", DQK), args, {**meta, "HAS_DDEN": exact}, tune)
+        launch("bwd_dq", g.chunk_grid("BK", DQK), args, {**meta, "HAS_DDEN": exact}, tune)
         args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, dCs, dns, Ms, dk, kdk, S, NC, scale)
-        tiles_k = launch("bwd_dk", g.chunk_grid("BK", DQK), args, {**meta, "HAS_N": has_n, "HAS_DDEN": exact}, tune)
+        launch("bwd_dk", g.chunk_grid("BK", DQK), args, {**meta, "HAS_N": has_n, "HAS_DDEN": exact}, tune)
         args = (q_, k_, dh_, u, ucm, norm, dCs, Ms, dv, S, NC, scale)
         launch("bwd_dv", g.chunk_grid("BV", DV), args, meta, tune)
 
-        # only the slices of the DQK tiles that ran were written (the buffers are not zeroed)
-        q_dq = qdq[: triton.cdiv(DQK, tiles_q["BK"])].sum(0)[:, :S]
-        di = kdk[: triton.cdiv(DQK, tiles_k["BK"])].sum(0)[:, :S]
+        q_dq = qdq.sum(0)[:, :S]
+        di = kdk.sum(0)[:, :S]
         dlog_f = (q_dq - di).flip(-1).cumsum(-1).flip(-1)
         if has_dcf:
             dlog_f = dlog_f + (dCf * Cf).sum((-2, -1))[:, None]
@@ -246,6 +276,7 @@ def mlstm_chunkwise_triton(
         raise ValueError(f"backward must be 'exact' or 'constant', got {backward!r}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    check_grid(q.shape[0] * q.shape[1])
     C0, n0, m0 = (None, None, None) if initial_state is None else initial_state
     # Triton launches on the current CUDA device (autograd's backward threads already run on the tensors' device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():

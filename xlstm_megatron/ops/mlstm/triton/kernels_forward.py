@@ -10,14 +10,32 @@ u_j - x_r, M_c - x_r or u_j - x_{L-1}, all <= 0 (the same stabilisers as the tor
 import triton
 import triton.language as tl
 
-LOG_FLOAT32_MAX = tl.constexpr(88.72283905206835)  # exp(-m) is clamped here, as `normaliser_floor` does
+# exp(-m) is clamped at exp(88) = 1.7e38: ln(FLT_MAX) itself rounds up in fp32 and its exp is inf
+FLOOR_MAX_EXPONENT = tl.constexpr(88.0)
+
+
+@triton.jit
+def _fp16_operand(x):
+    """(x / s as fp16, s) with s a power of two >= max |x|: fp32 tiles (scores, dh / norm, the fp32 states) can exceed
+    fp16's 65,504 before a dot; tiles already in fp16 (the inputs) pass unscaled."""
+    if x.dtype == tl.float16:
+        return x, 1.0
+    else:
+        big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        s = tl.exp2(tl.ceil(tl.log2(tl.maximum(big, 1e-30))))
+        return (x / s).to(tl.float16), s
 
 
 @triton.jit
 def _dot(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation: full fp32 ("ieee", no TF32) for fp32 inputs, else operands cast to DT."""
+    """a @ b with fp32 accumulation: full fp32 ("ieee", no TF32) for fp32 inputs, else operands cast to DT (fp16
+    operands scaled into range first)."""
     if IEEE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DT == tl.float16:  # noqa: SIM300 - DT is the constexpr
+        a16, sa = _fp16_operand(a)
+        b16, sb = _fp16_operand(b)
+        return tl.dot(a16, b16) * (sa * sb)
     else:
         return tl.dot(a.to(DT), b.to(DT))
 
@@ -32,13 +50,16 @@ def mlstm_fwd_states_kernel(
     C0_ptr,  # (BH, DQK, DV) fp32
     n0_ptr,  # (BH, DQK)
     m0_ptr,  # (BH,)
-    Cs_ptr,  # (BH, NC, DQK, DV) out: state before each chunk
-    ns_ptr,  # (BH, NC, DQK)
+    Cs_ptr,  # (BH, NCB, DQK, DV) out: state before each chunk C_FIRST <= c < C_END, at c - C_FIRST
+    ns_ptr,  # (BH, NCB, DQK)
     Ms_ptr,  # (BH, NC + 1): M_c before chunk c, M_NC after the last one
-    Cf_ptr,  # (BH, DQK, DV) out: final state
+    Cf_ptr,  # (BH, DQK, DV) out: state after chunk C_END - 1
     nf_ptr,  # (BH, DQK)
     S,
     NC,
+    C_FIRST,
+    C_END,
+    NCB,
     L: tl.constexpr,
     DQK: tl.constexpr,
     DV: tl.constexpr,
@@ -48,7 +69,9 @@ def mlstm_fwd_states_kernel(
     DT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Grid (cdiv(DQK, BK), cdiv(DV, BV), BH): one (BK, BV) tile of C, scanned over the chunks in fp32."""
+    """Grid (cdiv(DQK, BK), cdiv(DV, BV), BH): one (BK, BV) tile of C, scanned over chunks C_FIRST <= c < C_END in
+    fp32 from the state (C0, n0, m0) before chunk C_FIRST (the caller scans long sequences in segments, so that the
+    states of only NCB chunks exist at once)."""
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ok = pid_k * BK + tl.arange(0, BK)
     ov = pid_v * BV + tl.arange(0, BV)
@@ -64,10 +87,10 @@ def mlstm_fwd_states_kernel(
     k_base = k_ptr + bh * S * DQK
     v_base = v_ptr + bh * S * DV
     g_base = bh * NC * L
-    for c in range(NC):
-        tl.store(Cs_ptr + (bh * NC + c) * DQK * DV + c_off, C, mask=mkv)
+    for c in range(C_FIRST, C_END):
+        tl.store(Cs_ptr + (bh * NCB + c - C_FIRST) * DQK * DV + c_off, C, mask=mkv)
         if first_v:
-            tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n, mask=mk)
+            tl.store(ns_ptr + (bh * NCB + c - C_FIRST) * DQK + ok, n, mask=mk)
         if first:
             tl.store(Ms_ptr + bh * (NC + 1) + c, M)
         c0 = c * L
@@ -92,7 +115,7 @@ def mlstm_fwd_states_kernel(
     if first_v:
         tl.store(nf_ptr + bh * DQK + ok, n, mask=mk)
     if first:
-        tl.store(Ms_ptr + bh * (NC + 1) + NC, M)
+        tl.store(Ms_ptr + bh * (NC + 1) + C_END, M)
 
 
 @triton.jit
@@ -111,6 +134,8 @@ def mlstm_fwd_out_kernel(
     m_ptr,  # (BH, Sp) out: row stabiliser
     S,
     NC,
+    C_FIRST,  # chunk of the first row block; Cs, ns hold the states of chunks C_FIRST ... C_FIRST + NCB - 1
+    NCB,
     scale,
     eps,
     L: tl.constexpr,
@@ -122,11 +147,11 @@ def mlstm_fwd_out_kernel(
     DT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Grid (NC * cdiv(L, BL), cdiv(DV, BV), BH): BL rows of one chunk, one DV tile of h; the q k^T block is
+    """Grid (chunks * cdiv(L, BL), cdiv(DV, BV), BH): BL rows of one chunk, one DV tile of h; the q k^T block is
     recomputed per DV tile (reduced over all of DQK in BK steps)."""
     NB = (L + BL - 1) // BL  # row blocks per chunk (constexpr)
     pid_cb, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    c, ib = pid_cb // NB, pid_cb % NB
+    c, ib = C_FIRST + pid_cb // NB, pid_cb % NB
     r = ib * BL + tl.arange(0, BL)
     mr = r < L
     pos = c * L + r
@@ -135,7 +160,7 @@ def mlstm_fwd_out_kernel(
     mv = ov < DV
     g_base = bh * NC * L
     q_base, k_base, v_base = q_ptr + bh * S * DQK, k_ptr + bh * S * DQK, v_ptr + bh * S * DV
-    st = bh * NC + c
+    st = bh * NCB + c - C_FIRST
 
     M = tl.load(Ms_ptr + bh * (NC + 1) + c)
     x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
@@ -176,7 +201,7 @@ def mlstm_fwd_out_kernel(
         acc += _dot(s, vt, DT, IEEE)
 
     m = tl.load(b_ptr + g_base + pos, mask=mr, other=0.0) + x
-    floor = tl.exp(tl.minimum(-m, LOG_FLOAT32_MAX))
+    floor = tl.exp(tl.minimum(-m, FLOOR_MAX_EXPONENT))
     h = acc / (tl.maximum(tl.abs(den), floor) + eps)[:, None]
     h_off = pos[:, None] * DV + ov[None, :]
     tl.store(h_ptr + bh * S * DV + h_off, h.to(h_ptr.dtype.element_ty), mask=ms[:, None] & mv[None, :])

@@ -1,6 +1,8 @@
 """Kernel launches: autotuned tile sizes on CUDA, fixed ones under the Triton interpreter (autotuning needs a GPU).
 
-Every launcher returns the meta-parameters it ran with (the gate-gradient partial sums depend on BK).
+`candidate_configs` lists every configuration `launch` can run for a call (the ahead-of-time resource test compiles
+exactly these). Nothing here reads the autotuner's shared `best_config` (another thread may be tuning): callers size
+what depends on the tiles for the smallest tile any candidate has (`max_dqk_tiles`).
 """
 
 import os
@@ -20,6 +22,7 @@ from xlstm_megatron.ops.mlstm.triton.kernels_forward import mlstm_fwd_out_kernel
 
 MIN_TILE = 16  # tl.dot needs every block dimension >= 16; smaller chunks / heads are masked inside a 16 tile
 FIXED_TILE_CAP = 64  # largest tile without autotuning (tests lower it to exercise several tiles per chunk / head)
+FIXED_OPTIONS = {"num_warps": 4, "num_stages": 3}  # triton's default stages, stated: the resource test compiles them
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -91,13 +94,39 @@ _KERNELS = {
 }
 
 
-def launch(name: str, grid: Callable[[dict], tuple[int, ...]], args: tuple, meta: dict, autotune: bool) -> dict:
+def _fixed_tiles(meta: dict) -> dict:
+    cap = FIXED_TILE_CAP
+    return {"BL": _tile(meta["L"], cap), "BK": _tile(meta["DQK"], cap), "BV": _tile(meta["DV"], cap)}
+
+
+def candidate_configs(name: str, meta: dict, autotune: bool) -> list[dict]:
+    """Tiles and options (BL, BK, BV, num_warps, num_stages) `launch(name, ..., meta, autotune)` may run with."""
+    if not autotune:
+        return [{**_fixed_tiles(meta), **FIXED_OPTIONS}]
+    tuned = _KERNELS[name][1]
+    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            for c in _clip_configs(tuned.configs, meta)]
+
+
+def max_dqk_tiles(DQK: int, autotune: bool) -> int:
+    """Most DQK tiles any candidate of the dq / dk kernels splits DQK into (buffers of per-tile partial sums)."""
+    return max(triton.cdiv(DQK, c["BK"]) for c in candidate_configs("bwd_dq", {"L": 1, "DQK": DQK, "DV": 1}, autotune))
+
+
+GRID_YZ_MAX = 65535  # CUDA's limit on grid dimensions y and z
+
+
+def check_grid(BH: int) -> None:
+    if BH > GRID_YZ_MAX:
+        raise ValueError(f"the Triton mLSTM launches one grid row per (batch, head): B * NH = {BH} exceeds CUDA's "
+                         f"{GRID_YZ_MAX}; split the batch")
+
+
+def launch(name: str, grid: Callable[[dict], tuple[int, ...]], args: tuple, meta: dict, autotune: bool) -> None:
     """Run kernel `name` with positional `args` and constexpr `meta` (L, DQK, DV, DT, IEEE, flags)."""
     plain, tuned = _KERNELS[name]
     if autotune:
         tuned[grid](*args, **meta)
-        return dict(tuned.best_config.kwargs)
-    cap = FIXED_TILE_CAP
-    tiles = {"BL": _tile(meta["L"], cap), "BK": _tile(meta["DQK"], cap), "BV": _tile(meta["DV"], cap)}
-    plain[grid](*args, **meta, **tiles, num_warps=4)
-    return tiles
+        return
+    (config,) = candidate_configs(name, meta, False)
+    plain[grid](*args, **meta, **config)
