@@ -189,7 +189,7 @@ def _worker(argv: list[str]) -> None:
 
     from xlstm_megatron.compat import pretrain_context
     from xlstm_megatron.runs.args import architecture_line
-    from xlstm_megatron.runs.launch import launch_env, prepare_device
+    from xlstm_megatron.runs.launch import launch_env, prepare_device, shutdown_parallel
     from xlstm_megatron.training.engine import run_pretrain
 
     env = launch_env()
@@ -201,7 +201,12 @@ def _worker(argv: list[str]) -> None:
             for w in warnings:
                 print(f"warning: {w}", flush=True)
             print(architecture_line(args), flush=True)
-        run_pretrain(args)
+        try:
+            run_pretrain(args)
+        except SystemExit as e:  # Megatron exits the process on --exit-interval/-duration and signals: a clean stop
+            if e.code not in (0, None):
+                raise
+    shutdown_parallel()  # leave the process as it was (one-process runs go on to write the report here)
 
 
 def train_main(cli: list[str]) -> int:
