@@ -49,6 +49,9 @@ def _free_port() -> int:
 
 
 def _spawned(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    from xlstm_megatron.compat.quiet import quiet_known_warnings
+
+    quiet_known_warnings()  # a spawned rank starts with default warning filters
     # A spawned rank inherits "spawn" as its default start method; give its own subprocesses (data-loader workers,
     # checkpoint writers) the platform default that ranks started by torchrun have.
     multiprocessing.set_start_method("fork" if sys.platform == "linux" else "spawn", force=True)

@@ -58,7 +58,8 @@ def _given(argv: list[str], flag: str) -> bool:
 
 def device_flags(argv: list[str]) -> list[str]:
     """Flags this machine needs that the user did not give: on CPU gloo, CPU initialisation and no CUDA fusions;
-    without Apex no gradient-accumulation fusion; without Transformer Engine the local layer implementation."""
+    without Apex no gradient-accumulation fusion; without Transformer Engine the local layer implementation; without
+    NVIDIA's one_logger no telemetry."""
     import torch
 
     from xlstm_megatron.layers.config import have_transformer_engine
@@ -79,6 +80,10 @@ def device_flags(argv: list[str]) -> list[str]:
         wanted.append(("--gradient-accumulation-fusion", ["--no-gradient-accumulation-fusion"]))
     if not have_transformer_engine():
         wanted.append(("--transformer-impl", ["--transformer-impl", "local"]))
+    try:
+        import one_logger  # noqa: F401  (NVIDIA's telemetry; without it Megatron prints a warning every run)
+    except ImportError:
+        wanted.append(("--enable-one-logger", ["--no-one-logger"]))
     extra: list[str] = []
     for flag, value in wanted:
         if not _given(argv, flag) and not _given(argv, value[0]):
