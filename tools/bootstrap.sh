@@ -27,8 +27,9 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 stamp=".venv/.installed${extra:+-$extra}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     echo "[bootstrap] installing xlstm-megatron${extra:+[$extra]} into .venv (first run: a few minutes)"
-    .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
+    # constraints.txt pins the versions CI tested, so a later install gets the same torch / megatron-core / ...
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra:+[$extra]}"
     touch "$stamp"
 fi

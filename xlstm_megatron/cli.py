@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
+        from xlstm_megatron.inference.sample import sample_text
         from xlstm_megatron.training.command import train_main
 
-        return train_main(rest)
+        return train_main(rest, sample_text)
     if command == "preprocess":
         from xlstm_megatron.data.preprocess import preprocess_main
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,8 @@ def _worker(argv: list[str]) -> None:
     shutdown_parallel()  # leave the process as it was (one-process runs go on to write the report here)
 
 
-def train_main(cli: list[str]) -> int:
+def train_main(cli: list[str], sample_text: Callable[[str, str, int, int], str] | None = None) -> int:
+    """The command; `sample_text` (from the inference tier, wired by the CLI) writes the text sample."""
     from xlstm_megatron.runs.launch import launch_env, run_processes
 
     # Megatron-LM's launch scripts export this (TP/CP on Hopper and older need it); the ranks inherit it
@@ -238,5 +240,5 @@ def train_main(cli: list[str]) -> int:
         run_processes(_worker, args.nproc, args=(argv,))
     from xlstm_megatron.training.report import write_report
 
-    write_report(args)
+    write_report(args, sample_text)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,34 +54,6 @@ def plot_loss_curve(history: dict[str, list[list[float]]], path: str | Path, tit
     return path
 
 
-def _sample_worker(load: str, prompt: str, tokens: int, seed: int, out: list[str]) -> None:
-    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-
-    from xlstm_megatron.inference.generate import generate
-    from xlstm_megatron.inference.loading import load_model, resolve_checkpoint
-    from xlstm_megatron.runs.launch import init_parallel, shutdown_parallel
-
-    source = resolve_checkpoint(load, tensor_parallel=1)
-    init_parallel(seed=seed)
-    try:
-        tokenizer = build_tokenizer(source.args)
-        ids = tokenizer.tokenize(prompt) if prompt else [tokenizer.eod]
-        result = generate(load_model(source), [ids], tokens, temperature=0.8, top_k=40, seed=seed,
-                          vocab_limit=tokenizer.vocab_size)
-        out.append(prompt + tokenizer.detokenize(list(result.tokens[0])))
-    finally:
-        shutdown_parallel()
-
-
-def sample_text(load: str, prompt: str, tokens: int, seed: int) -> str:
-    """A continuation of `prompt` by the last checkpoint (one process, TP 1: dist checkpoints reshard)."""
-    from xlstm_megatron.runs.launch import run_processes
-
-    out: list[str] = []
-    run_processes(_sample_worker, 1, args=(load, prompt, tokens, seed, out))
-    return out[0]
-
-
 def _unigram_baseline(args: Namespace) -> float | None:
     """Validation cross-entropy of the smoothed unigram distribution of the training samples (same datasets,
     seed and sample counts as the run)."""
@@ -115,8 +88,10 @@ def _unigram_baseline(args: Namespace) -> float | None:
     return float(-(valid_counts * np.log(probs)).sum() / max(valid_counts.sum(), 1))
 
 
-def write_report(args: Namespace) -> dict[str, Any] | None:
-    """After `pretrain()`: loss curve, sample, baseline and `<save>/summary.json`; prints the headline figures."""
+def write_report(args: Namespace, sample_text: Callable[[str, str, int, int], str] | None = None
+                 ) -> dict[str, Any] | None:
+    """After `pretrain()`: loss curve, baseline, a text sample (`sample_text(checkpoint dir, prompt, tokens, seed)`,
+    given by the caller: generation is the inference tier's) and `<save>/summary.json`; prints the headline figures."""
     from xlstm_megatron.runs.args import architecture_line
     from xlstm_megatron.runs.checkpoint import latest_iteration
 
@@ -140,7 +115,7 @@ def write_report(args: Namespace) -> dict[str, Any] | None:
         if "valid_ppl" in summary:
             print(f"validation PPL {summary['valid_ppl']:.1f} vs unigram baseline PPL "
                   f"{summary['unigram_valid_ppl']:.1f}")
-    if args.sample_tokens and summary["iteration"] is not None:
+    if sample_text is not None and args.sample_tokens and summary["iteration"] is not None:
         summary["sample"] = sample_text(str(save), args.sample_prompt, args.sample_tokens, args.seed)
         print(f"----- sample ({args.sample_tokens} tokens) -----\n{summary['sample']}\n-----")
     (save / "summary.json").write_text(json.dumps(summary, indent=1))
