@@ -24,13 +24,28 @@ def start(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, start):
     """The one-process run every layout must equal."""
-    return train(tmp_path_factory.mktemp("ref") / "run", *start)
+    root = tmp_path_factory.mktemp("ref") / "run"
+    return {**train(root, *start), "dir": root}
 
 
 def test_single_process_run_learns(reference):
     assert sorted(reference["train"]) == [1, 2, 3, 4, 5, 6]
     assert sorted(reference["valid"]) == [3, 6]
     assert reference["train"][6] < reference["train"][1]
+
+
+def test_megatron_counts_the_xlstm_flops(reference):
+    """Megatron's FLOP tally (throughput log, checkpoints) is the xLSTM model's count, not a Transformer's."""
+    from xlstm_megatron.models.flops import train_flops_per_token
+    from xlstm_megatron.runs.checkpoint import common_state, saved_args
+    from xlstm_megatron.runs.model import xlstm_config_from_args
+
+    iter_dir = reference["dir"] / "iter_0000006"
+    args = saved_args(iter_dir)
+    per_token = train_flops_per_token(xlstm_config_from_args(args), args.padded_vocab_size, args.seq_length)
+    # the start checkpoint's iteration plus six (Megatron carries the tally over a --finetune load)
+    tokens = 7 * args.global_batch_size * args.seq_length
+    assert common_state(iter_dir)["num_floating_point_operations_so_far"] == pytest.approx(per_token * tokens)
 
 
 @pytest.mark.parametrize(

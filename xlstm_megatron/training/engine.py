@@ -9,6 +9,7 @@ arguments by `runs.model`), a forward step and a dataset provider as Megatron-LM
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from functools import partial
 from typing import Any
@@ -16,6 +17,40 @@ from typing import Any
 import torch
 
 DATA_KEYS = ("tokens", "labels", "loss_mask")
+
+# Test-only fault injection (docs/faults.md): `XLSTM_MEGATRON_INJECT_NAN=loss@K` makes the loss of every microbatch of
+# iteration K NaN, `grad@K` keeps the loss finite and makes the gradients flowing back from it NaN. Megatron's own
+# `--error-injection-rate` only marks a validation as failed at random (and only in `--rerun-mode validate_results`);
+# it never puts a NaN into the numbers, so it cannot show that the NaN checks see a real one.
+INJECT_NAN_ENV = "XLSTM_MEGATRON_INJECT_NAN"
+
+
+def _injected_nan_target(spec: str | None) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    what, _, at = spec.partition("@")
+    if what not in ("loss", "grad") or not at.isdigit():
+        raise ValueError(f"{INJECT_NAN_ENV}={spec!r}: use loss@ITERATION or grad@ITERATION")
+    return what, int(at)
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("nan"))
+
+
+def _maybe_inject_nan(loss: torch.Tensor, iteration: int) -> torch.Tensor:
+    target = _injected_nan_target(os.environ.get(INJECT_NAN_ENV))
+    if target is None or target[1] != iteration:
+        return loss
+    return loss * float("nan") if target[0] == "loss" else _NaNGrad.apply(loss)
 
 
 def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
@@ -42,7 +77,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[tor
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().detach().to(torch.int)
-    if get_args().check_for_nan_in_loss_and_grad:
+    args = get_args()
+    if INJECT_NAN_ENV in os.environ and torch.is_grad_enabled():  # training steps only, not evaluation
+        loss = _maybe_inject_nan(loss, getattr(args, "curr_iteration", -1) + 1)  # the running iteration, 1-based
+    if args.check_for_nan_in_loss_and_grad:
         machine = get_rerun_state_machine()
         for bad, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
             machine.validate_result(result=loss, rejection_func=bad, message=f"found {what} in the forward loss",
@@ -103,14 +141,33 @@ def datasets_provider(train_val_test_num_samples: list[int], vp_stage: int | Non
 datasets_provider.is_distributed = True  # every rank calls it (the builder has barriers); Megatron's own flag
 
 
+def xlstm_floating_point_operations(args: Namespace, batch_size: int, *_: Any, **__: Any) -> float:
+    """Training FLOPs of one global batch of the xLSTM model (`models.flops`, checked against torch's FLOP counter):
+    what Megatron's throughput log (`--log-throughput`) and the checkpoints' `num_floating_point_operations_so_far`
+    report. Megatron's own count is a Transformer's and would be wrong for these layers."""
+    from xlstm_megatron.models.flops import train_flops_per_token
+    from xlstm_megatron.runs.model import xlstm_config_from_args
+
+    key = (id(args), args.seq_length)
+    if _FLOPS_PER_TOKEN.get("key") != key:
+        _FLOPS_PER_TOKEN.update(key=key, value=train_flops_per_token(
+            xlstm_config_from_args(args), int(args.padded_vocab_size), args.seq_length))
+    return float(_FLOPS_PER_TOKEN["value"] * batch_size * args.seq_length)
+
+
+_FLOPS_PER_TOKEN: dict[str, Any] = {}
+
+
 def run_pretrain(args: Namespace) -> None:
     """Run Megatron's `pretrain()` on validated arguments that are already Megatron's global args (inside
     `compat.pretrain_context()`)."""
     from megatron.core.enums import ModelType
-    from megatron.training import pretrain
+    from megatron.training import pretrain, training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     from xlstm_megatron.runs.model import model_config_from_args
 
+    # No extension point for the model's FLOP count: Megatron calls this module function by name.
+    training.num_floating_point_operations = xlstm_floating_point_operations
     cfg = pretrain_cfg_container_from_args(args, model_config_from_args(args))
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
