@@ -21,9 +21,6 @@ from typing import Any
 
 from xlstm_megatron.runs.errors import ConfigError
 
-RUNNER_FLAGS = ("nproc", "demo_data", "demo_data_dir", "demo_vocab_size", "demo_max_plays", "loss_curve",
-                "sample_prompt", "sample_tokens")
-
 
 def add_runner_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The command's own flags (everything else is Megatron's or the xLSTM family's)."""
@@ -38,6 +35,9 @@ def add_runner_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--loss-curve", default=None, help="PNG of the loss curve (default: <save>/loss_curve.png)")
     g.add_argument("--sample-prompt", default="", help="prompt of the text sample written after training")
     g.add_argument("--sample-tokens", type=int, default=0, help="length of that sample (0: none)")
+    g.add_argument("--deepspeed", dest="deepspeed_config", default=None, metavar="DS_CONFIG_JSON",
+                   help="train with DeepSpeed (ZeRO 1-3, offload) instead of Megatron's loop: same model, data and "
+                        "report; Megatron's tensor (and sequence) parallelism for the layers")
     return parser
 
 
@@ -208,7 +208,12 @@ def _worker(argv: list[str]) -> None:
                 print(f"warning: {w}", flush=True)
             print(architecture_line(args), flush=True)
         try:
-            run_pretrain(args)
+            if args.deepspeed_config:
+                from xlstm_megatron.training.deepspeed_engine import run_deepspeed
+
+                run_deepspeed(args)
+            else:
+                run_pretrain(args)
         except SystemExit as e:  # Megatron exits the process on --exit-interval/-duration and signals: a clean stop
             if e.code not in (0, None):
                 raise
