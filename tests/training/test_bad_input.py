@@ -1,73 +1,232 @@
-"""Bad input to `xlstm-megatron train` fails before any work with one `error:` line naming the fix."""
+"""Bad input to `xlstm-megatron train` (and `generate`) fails before any work: exit status 2, exactly one `error:`
+line on stderr naming the fix, no traceback, and nothing written or touched.
+
+The command's own entry (`xlstm_megatron.cli.main`, what `python -m xlstm_megatron.cli` runs) is called in this
+process: every case stops in the checks before a process starts, so there is no process to start and each case
+takes about a second. `test_through_the_console_entry` runs one case as a real subprocess; the checkpoint cases use
+one real checkpoint that `xlstm-megatron train` writes.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 MODEL = dict(xlstm_block="v1", num_layers=2, hidden_size=32, num_attention_heads=2, xlstm_pattern="ms",
              slstm_num_heads=2, mlstm_chunk_size=8)
-TRAIN = dict(mock_data=True, vocab_size=64, seq_length=16, micro_batch_size=2, train_iters=1, lr_warmup_iters=0,
-             eval_interval=0, progress_bar=False)
+TRAIN = dict(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=64, seq_length=16, micro_batch_size=2,
+             train_iters=1, lr=1e-3, lr_warmup_iters=0, eval_iters=0, eval_interval=1, log_progress=False)
 
 
-def _run(tmp: Path, model: dict, train: dict, *flags: str) -> subprocess.CompletedProcess:
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _config(tmp: Path, model: dict, train: dict) -> list[str]:
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump({"model": model, "train": train}))
-    return subprocess.run([sys.executable, "-m", "xlstm_megatron.cli", "train", "--config", str(path), *flags],
-                          capture_output=True, text=True, timeout=240)
+    return ["--config", str(path)]
 
 
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def _fails_once(capfd, tmp: Path, *argv: str, command: str = "train") -> str:
+    """Run the command in this process; assert rc 2, one `error:` line, no traceback, nothing written under tmp."""
+    from xlstm_megatron.cli import main
+
+    before = _snapshot(tmp)
+    rc = main([command, *argv])
+    out, err = capfd.readouterr()
+    assert rc == 2, (out[-2000:], err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    assert "Traceback" not in err + out
+    assert _snapshot(tmp) == before  # nothing written, moved or touched
     return lines[0]
 
 
-@pytest.mark.parametrize("model,train,flags,match", [
-    ({**MODEL, "hiden_size": 64}, TRAIN, (), "did you mean 'hidden_size'"),
-    (MODEL, {**TRAIN, "micro_bach_size": 4}, (), "did you mean 'micro_batch_size'"),
-    (MODEL, {k: v for k, v in TRAIN.items() if k != "mock_data"}, ("--data-path", "/nonexistent/corpus_text_document"),
-     "corpus_text_document"),
-    (MODEL, TRAIN, ("--tensor-model-parallel-size", "2", "--nproc", "3"), "multiple of 2"),
-    ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
-    (MODEL, {**TRAIN, "seq_length": 15}, ("--fp8", "hybrid"),
-     "tokens per rank (sequence 15 x micro batch 2) divisible by 8"),
-    (MODEL, TRAIN, ("--fp8", "hybrid", "--transformer-impl", "local"), "set transformer_impl='transformer_engine'"),
-])
-def test_bad_config_and_data_fail_fast(tmp_path, model, train, flags, match):
-    assert match in _one_error_line(_run(tmp_path, model, train, *flags))
-
-
-def test_tokenizer_larger_than_model_vocab(tmp_path):
-    from tokenizers import Tokenizer, models
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"<eod>": 100}, unk_token="w0"))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    import numpy as np
+def _write_indexed(prefix: Path, docs: list[list[int]]) -> None:
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    builder = IndexedDatasetBuilder(str(tmp_path / "d_text_document.bin"), dtype=np.int32)
-    builder.add_document(torch.arange(50, dtype=torch.int32), [50])
-    builder.finalize(str(tmp_path / "d_text_document.idx"))
-    train = {k: v for k, v in TRAIN.items() if k != "mock_data"}
-    proc = _run(tmp_path, MODEL, {**train, "vocab_size": 64}, "--data-path", str(tmp_path / "d_text_document"),
-                "--tokenizer-model", str(tmp_path / "tokenizer.json"), "--eod-token", "<eod>")
-    assert "vocab_size=64" in _one_error_line(proc)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
 
 
-def test_checkpoint_of_another_architecture_is_refused_untouched(tmp_path):
-    save = tmp_path / "ckpt"
-    ok = _run(tmp_path, MODEL, {**TRAIN, "save": str(save)})
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    before = sorted(p.name for p in save.rglob("*"))
-    proc = _run(tmp_path, {**MODEL, "hidden_size": 64}, {**TRAIN, "save": str(save), "train_iters": 2})
-    assert "different architecture" in _one_error_line(proc)
-    assert sorted(p.name for p in save.rglob("*")) == before  # nothing written or overwritten
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    prefix = tmp_path_factory.mktemp("data") / "d_text_document"
+    _write_indexed(prefix, [list(range(1, 41)), list(range(5, 45)), list(range(2, 60))])
+    return prefix
+
+
+def _with_data(tmp: Path, source: Path, damage: str) -> Path:
+    """A copy of the data prefix, damaged."""
+    prefix = tmp / "data" / source.name
+    prefix.parent.mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(str(source) + ext, str(prefix) + ext)
+    idx, bin_ = Path(str(prefix) + ".idx"), Path(str(prefix) + ".bin")
+    if damage == "truncated idx":
+        idx.write_bytes(idx.read_bytes()[:-9])
+    elif damage == "idx header":
+        idx.write_bytes(b"not an index at all" + idx.read_bytes()[19:])
+    elif damage == "truncated bin":
+        bin_.write_bytes(bin_.read_bytes()[:-12])
+    return prefix
+
+
+NO_MOCK = {k: v for k, v in TRAIN.items() if k != "mock_data"}
+
+
+@pytest.mark.parametrize("model,train,flags,match", [
+    ({**MODEL, "hiden_size": 64}, TRAIN, (), "unknown key 'hiden_size'; did you mean 'hidden_size'?"),
+    (MODEL, {**TRAIN, "micro_bach_size": 4}, (), "did you mean 'micro_batch_size'"),
+    (MODEL, NO_MOCK, ("--data-path", "/nonexistent/corpus_text_document"), "xlstm-megatron preprocess"),
+    (MODEL, TRAIN, ("--tensor-model-parallel-size", "2", "--nproc", "3"), "world size (3) is not divisible"),
+    ({**MODEL, "hidden_size": 48, "num_attention_heads": 3, "slstm_num_heads": 3}, TRAIN,
+     ("--tensor-model-parallel-size", "2", "--nproc", "2"),
+     "num_attention_heads (3) must be a multiple of tensor_model_parallel_size (2)"),
+    ({**MODEL, "slstm_num_heads": 1}, TRAIN, ("--tensor-model-parallel-size", "2", "--nproc", "2"),
+     "slstm_num_heads=1 is not divisible by tensor_model_parallel_size=2"),
+    (MODEL, {**TRAIN, "global_batch_size": 5}, (), "must be divisible by"),
+    (MODEL, {**TRAIN, "train_iters": 4, "lr_warmup_iters": 4}, (), "lower --lr-warmup-iters"),
+    (MODEL, {**TRAIN, "eval_interval": None}, (), "--eval-interval is unset"),
+    ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
+    (MODEL, TRAIN, ("--micro-batch-sizes", "4"), "unrecognized arguments: --micro-batch-sizes 4 (closest: "
+     "--micro-batch-sizes -> --micro-batch-size)"),
+], ids=["yaml-key", "yaml-key-train", "missing-data", "world-vs-tp", "heads-vs-tp", "slstm-heads-vs-tp",
+        "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag"])
+def test_bad_config_fails_before_start(capfd, tmp_path, model, train, flags, match):
+    assert match in _fails_once(capfd, tmp_path, *_config(tmp_path, model, train), *flags)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncated idx", "is truncated or damaged"),
+    ("idx header", "does not start with Megatron's index header"),
+    ("truncated bin", ".bin is truncated"),
+])
+def test_damaged_indexed_dataset_fails_before_start(capfd, tmp_path, data, damage, match):
+    prefix = _with_data(tmp_path, data, damage)
+    line = _fails_once(capfd, tmp_path, *_config(tmp_path, MODEL, NO_MOCK), "--data-path", str(prefix))
+    assert match in line and "xlstm-megatron preprocess" in line
+
+
+def test_intact_indexed_dataset_passes_the_check(data):
+    from xlstm_megatron.data.datasets import check_data_prefixes
+
+    check_data_prefixes([str(data)])
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory) -> Path:
+    """A 101-token HF tokenizer directory (as Megatron's HuggingFaceTokenizer loads it)."""
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"<eod>": 100}, unk_token="w0"))
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eod>"}))
+    return root
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--vocab-size", "64"), "has 101 tokens but --vocab-size is 64"),
+    (("--vocab-size", "200"), "--vocab-size 200 is ignored"),
+    (("--tokenizer-model", "{tok}/tokenizer.json"), "pass the directory holding tokenizer.json"),
+], ids=["tokenizer-larger-than-vocab", "vocab-ignored", "tokenizer-file"])
+def test_tokenizer_against_vocab(capfd, tmp_path, hf_tokenizer, flags, match):
+    train = {k: v for k, v in TRAIN.items() if k not in ("vocab_size", "tokenizer_type")}
+    flags = tuple(f.format(tok=hf_tokenizer) for f in flags)
+    argv = [*_config(tmp_path, MODEL, train), "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", str(hf_tokenizer), *flags]
+    assert match in _fails_once(capfd, tmp_path, *argv)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint (iteration 1) of `xlstm-megatron train`."""
+    root = tmp_path_factory.mktemp("ckpt") / "run"
+    argv = [sys.executable, "-m", "xlstm_megatron.cli", "train", *_config(root.parent, MODEL, TRAIN),
+            "--save", str(root), "--save-interval", "1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    return root
+
+
+def _run_copy(checkpoint: Path, tmp: Path, damage: str | None = None) -> Path:
+    run = tmp / "run"
+    shutil.copytree(checkpoint, run)
+    it = run / "iter_0000001"
+    if damage == "truncated shard":
+        shard = next(it.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "corrupt index":
+        (it / ".metadata").write_bytes(os.urandom(64))
+    elif damage == "unfinished save":
+        (it / "metadata.json").unlink()
+    elif damage == "missing shard":
+        next(it.glob("*.distcp")).unlink()
+    return run
+
+
+@pytest.mark.parametrize("model,train,match", [
+    ({**MODEL, "hidden_size": 64}, {}, "has hidden_size=32 but this run has hidden_size=64"),
+    ({**MODEL, "xlstm_pattern": "mm"}, {}, "xlstm_pattern='ms' but this run has xlstm_pattern='mm'"),
+    (MODEL, {"vocab_size": 300}, "padded_vocab_size=128 but this run has padded_vocab_size=384"),
+], ids=["hidden-size", "pattern", "vocab"])
+def test_checkpoint_of_another_model_is_refused_untouched(capfd, tmp_path, checkpoint, model, train, match):
+    run = _run_copy(checkpoint, tmp_path)
+    argv = [*_config(tmp_path, model, {**TRAIN, **train, "train_iters": 2, "save_interval": 1}), "--save", str(run)]
+    assert match in _fails_once(capfd, tmp_path, *argv)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncated shard", "is truncated"),
+    ("corrupt index", ".metadata is damaged or truncated"),
+    ("unfinished save", "is incomplete (no metadata.json"),
+    ("missing shard", "is missing"),
+])
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_damaged_checkpoint_is_refused_before_start(capfd, tmp_path, checkpoint, damage, match, command):
+    run = _run_copy(checkpoint, tmp_path, damage)
+    if command == "train":
+        argv = [*_config(tmp_path, MODEL, {**TRAIN, "train_iters": 2, "save_interval": 1}), "--save", str(run)]
+    else:
+        argv = ["--load", str(run), "--prompt", "1 2 3", "--max-new-tokens", "2"]
+    assert match in _fails_once(capfd, tmp_path, *argv, command=command)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--async-save",), "needs --use-persistent-ckpt-worker"),
+    (("--async-save", "--use-persistent-ckpt-worker", "--async-strategy", "mcore"), "needs a GPU"),
+], ids=["async-without-worker", "async-on-cpu"])
+def test_async_save_that_cannot_run_is_refused(capfd, tmp_path, flags, match):
+    import torch
+
+    if torch.cuda.is_available() and match == "needs a GPU":
+        pytest.skip("a GPU is present")
+    argv = [*_config(tmp_path, MODEL, {**TRAIN, "save_interval": 1}), "--save", str(tmp_path / "run"), *flags]
+    assert match in _fails_once(capfd, tmp_path, *argv)
+
+
+def test_through_the_console_entry(tmp_path, checkpoint):
+    """The same refusal through `python -m xlstm_megatron.cli` (a real process, as users run it)."""
+    run = _run_copy(checkpoint, tmp_path, "truncated shard")
+    before = _snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "xlstm_megatron.cli", "generate", "--load", str(run)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: checkpoint shard") and "Traceback" not in proc.stderr
+    assert _snapshot(tmp_path) == before

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset
 
 from xlstm_megatron.data.errors import DataConfigError
 from xlstm_megatron.data.tokenizer import TextTokenizer, check_tokenizer_matches_model
@@ -39,6 +41,7 @@ from xlstm_megatron.data.tokenizer import TextTokenizer, check_tokenizer_matches
 __all__ = [
     "build_gpt_datasets",
     "check_data_prefixes",
+    "check_indexed_files",
     "check_tokenizer_matches_model",
     "default_is_built_on_rank",
     "parse_data_path",
@@ -98,6 +101,48 @@ def check_data_prefixes(prefixes: Sequence[str]) -> None:
                 f"data prefix {prefix!r} has no {' / '.join(prefix + e for e in missing)}; create it with "
                 "`xlstm-megatron preprocess --input FILE --output-prefix P ...` (the prefix is P_text_document)"
             )
+        check_indexed_files(prefix)
+
+
+_HEADER_BYTES = len(_INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence and document counts
+
+
+def check_indexed_files(prefix: str) -> None:
+    """Raise :class:`DataConfigError` unless ``prefix.idx`` is a complete Megatron index and ``prefix.bin`` holds
+    exactly the tokens it points at. Megatron's reader asserts on a bad header and otherwise maps whatever bytes are
+    there: a truncated ``.idx`` or ``.bin`` (a copy or preprocessing cut short) fails deep inside the dataset
+    builder of every rank, or, worse, reads past the end at some sample. Reads the header and the length table only.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    fix = f"run `xlstm-megatron preprocess` again for {prefix!r} (or copy both files again)"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+        what = "is truncated" if len(head) < _HEADER_BYTES else "does not start with Megatron's index header"
+        raise DataConfigError(f"{idx} {what} ({size} bytes); it is not a Megatron indexed-dataset index: {fix}")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+    codes = {d.value for d in DType}
+    if version != 1 or code not in codes:
+        raise DataConfigError(f"{idx} has index version {version} and dtype code {code} (want 1 and one of "
+                              f"{sorted(codes)}); the file is damaged: {fix}")
+    plain = _HEADER_BYTES + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 document indices
+    if size not in (plain, plain + n_seq):  # (+ one int8 mode per sequence: multimodal)
+        raise DataConfigError(f"{idx} is {size} bytes but its header ({n_seq} sequences, {n_doc} documents) needs "
+                              f"{plain}; the file is truncated or damaged: {fix}")
+    table = np.memmap(idx, dtype=np.uint8, mode="r")
+    lengths = np.frombuffer(table, dtype=np.int32, count=n_seq, offset=_HEADER_BYTES)
+    docs = np.frombuffer(table, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
+    if (lengths < 0).any() or n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
+        raise DataConfigError(f"{idx} has inconsistent sequence lengths or document boundaries; the file is "
+                              f"damaged: {fix}")
+    item = DType.size(DType.dtype_from_code(code))
+    want = int(lengths.sum(dtype=np.int64)) * item
+    del lengths, docs, table  # views of the mmap
+    have = os.path.getsize(bin_)
+    if have != want:
+        raise DataConfigError(f"{bin_} is {have} bytes but {idx} indexes {want} bytes of tokens; the "
+                              f"{'.bin is truncated' if have < want else 'two files do not belong together'}: {fix}")
 
 
 def default_is_built_on_rank() -> bool:

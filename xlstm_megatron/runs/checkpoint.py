@@ -45,7 +45,9 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 def latest_iteration(root: str | Path | None) -> int | None:
     """The iteration `latest_checkpointed_iteration.txt` names (None without the file); a marker that does not name
-    a complete checkpoint is a one-line ConfigError."""
+    a complete checkpoint is a one-line ConfigError. Megatron moves the marker only after a save has finished on
+    every rank, so an `iter_*` directory it does not name (left by a job killed while saving) is never read; the
+    next save of that iteration overwrites it."""
     if root is None:
         return None
     marker = Path(root) / LATEST
@@ -59,12 +61,49 @@ def latest_iteration(root: str | Path | None) -> int | None:
     return int(text)
 
 
+def check_checkpoint_files(iter_dir: str | Path) -> None:
+    """A one-line ConfigError unless `iter_dir` is a complete dist checkpoint: Megatron's `metadata.json` (written
+    last), torch's `.metadata` index readable, and every file it indexes present and long enough for the bytes it
+    indexes there. Reads the indexes only (no tensor data): it catches truncated, missing and half-written shard
+    files, which otherwise fail deep inside the load (torch's reader: EOFError / unpickling errors, per rank)."""
+    import json
+    import pickle
+
+    path = Path(iter_dir)
+    fix = "point --load at another checkpoint (or its parent's latest_checkpointed_iteration.txt at an older " \
+          "iter_*), or save / convert it again"
+    try:
+        json.loads((path / "metadata.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is incomplete (no metadata.json: its save did not finish); {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}/metadata.json is damaged ({type(e).__name__}); {fix}") from None
+    try:
+        with open(path / ".metadata", "rb") as f:
+            index = pickle.load(f)  # torch's own reader does the same (FileSystemReader.read_metadata)
+        storage = dict(index.storage_data)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no .metadata (torch_dist index); it is incomplete: {fix}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged pickle raises anything from EOFError to KeyError
+        raise ConfigError(f"{path}/.metadata is damaged or truncated ({type(e).__name__}); {fix}") from None
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            what = "is missing" if size is None else f"is truncated ({size} of at least {end} bytes)"
+            raise ConfigError(f"checkpoint shard {file} {what}; {fix}")
+
+
 def resolve_checkpoint_dir(load: str | Path, iteration: int | None = None, flag: str = "--load") -> Path:
     """The iteration directory to read: `load` itself when it is one, else `load`'s latest (or `iteration`)."""
     load = Path(load)
     if is_checkpoint_dir(load):
         if iteration is not None:
             raise ConfigError(f"{flag} {load} is one checkpoint (an iter_* directory); pass its parent for --iteration")
+        check_checkpoint_files(load)
         return load
     if not load.is_dir():
         raise ConfigError(f"{flag} {load} does not exist; pass the run's --save directory")
@@ -74,6 +113,7 @@ def resolve_checkpoint_dir(load: str | Path, iteration: int | None = None, flag:
     path = iteration_dir(load, it)
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist; check {flag} / --iteration")
+    check_checkpoint_files(path)
     return path
 
 

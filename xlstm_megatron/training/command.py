@@ -13,9 +13,10 @@ baseline and `summary.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,20 @@ def _prepare_data(args: argparse.Namespace, argv: list[str]) -> list[str]:
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    import io
+
     from xlstm_megatron.runs.args import parse_xlstm_args
 
+    sink = io.StringIO()
     try:
-        return parse_xlstm_args(argv, add_runner_args)
-    except SystemExit as e:  # argparse already printed its one-line usage error
-        raise ConfigError("bad command line (see the usage error above)") from e
+        with contextlib.redirect_stderr(sink):  # argparse prints the whole usage (hundreds of flags) before its error
+            return parse_xlstm_args(argv, add_runner_args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        from xlstm_megatron.training.checks import argparse_error
+
+        raise ConfigError(argparse_error(sink.getvalue())) from None
 
 
 def parse_run_args(argv: list[str], world_size: int, rank: int = 0, quiet: bool = True
@@ -164,13 +173,18 @@ def parse_run_args(argv: list[str], world_size: int, rank: int = 0, quiet: bool 
         with contextlib.redirect_stdout(sink):
             validate_args(args, {})
     except AssertionError as e:
-        raise ConfigError(f"Megatron refuses these arguments: {e}".splitlines()[0]) from None
+        from xlstm_megatron.training.checks import assertion_text
+
+        raise ConfigError(f"Megatron refuses these arguments: {assertion_text(e)}") from None
     _check_schedule(args)
     return args, warnings
 
 
 def _check_schedule(args: argparse.Namespace) -> None:
-    """What Megatron would only assert after building the model."""
+    """What Megatron would only assert (or crash on) after building the model."""
+    if args.train_iters and args.eval_interval is None and not args.skip_train:
+        raise ConfigError("--eval-interval is unset; Megatron sizes the validation set from it: pass --eval-interval N "
+                          "(with --eval-iters 0 nothing is evaluated)")
     if args.train_iters is not None:
         decay = args.lr_decay_iters or args.train_iters
         warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0) * decay)
@@ -180,22 +194,25 @@ def _check_schedule(args: argparse.Namespace) -> None:
 
 
 def _check_before_start(args: argparse.Namespace) -> None:
-    """A checkpoint to resume from must hold this architecture (one line naming the first difference)."""
-    from xlstm_megatron.runs.checkpoint import check_architecture, iteration_dir, latest_iteration
+    """The model's config checks, the tokenizer against the vocab, and a checkpoint to resume from (complete, this
+    architecture and padded vocab): one line naming the first problem (training/checks.py)."""
+    from xlstm_megatron.training.checks import check_model, check_resume, check_tokenizer
 
-    if args.load and not args.finetune:
-        it = latest_iteration(args.load)
-        if it is not None:
-            check_architecture(iteration_dir(args.load, it), args)
+    check_model(args)
+    check_tokenizer(args)  # sets args.padded_vocab_size, which check_resume compares with the checkpoint's
+    check_resume(args)
 
 
-def _worker(argv: list[str]) -> None:
-    """One rank: Megatron's global state from the same argument list, then `pretrain()`."""
+def _worker(argv: list[str], errors: Any = None) -> None:
+    """One rank: Megatron's global state from the same argument list, then `pretrain()`. A bad step (NaN/Inf) ends
+    the rank with exit status 2 and one line: printed here, or under `--nproc` put on `errors` for the launcher to
+    print once (every rank that sees the NaN reports it)."""
     from megatron.training.global_vars import set_global_variables
 
     from xlstm_megatron.compat import pretrain_context
     from xlstm_megatron.runs.args import architecture_line
     from xlstm_megatron.runs.launch import launch_env, prepare_device, shutdown_parallel
+    from xlstm_megatron.training.checks import BAD_STEP_EXIT, bad_step_line
     from xlstm_megatron.training.engine import run_pretrain
 
     env = launch_env()
@@ -217,32 +234,102 @@ def _worker(argv: list[str]) -> None:
         except SystemExit as e:  # Megatron exits the process on --exit-interval/-duration and signals: a clean stop
             if e.code not in (0, None):
                 raise
+        except RuntimeError as e:
+            line = bad_step_line(e, args)
+            if line is None:
+                raise
+            if errors is not None:
+                errors.put((env.rank, line))
+            else:
+                print(f"error: {line}", file=sys.stderr, flush=True)
+            raise SystemExit(BAD_STEP_EXIT) from None
     shutdown_parallel()  # leave the process as it was (one-process runs go on to write the report here)
+
+
+@contextlib.contextmanager
+def _forward_sigterm() -> Iterator[None]:
+    """While `--nproc` ranks run: a SIGTERM to the launcher goes to every rank, as torchrun and srun deliver it, so
+    `--exit-signal-handler` saves and stops them all; the launcher itself waits for them."""
+    import multiprocessing
+    import signal
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_local_ranks(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--nproc` ranks; a rank stopped by a bad step is reported in one line (the lowest reporting rank's)."""
+    import multiprocessing
+
+    from torch.multiprocessing import ProcessExitedException
+
+    from xlstm_megatron.runs.launch import run_processes
+    from xlstm_megatron.training.checks import BAD_STEP_EXIT
+
+    errors = multiprocessing.get_context("spawn").SimpleQueue() if args.nproc > 1 else None
+    try:
+        with _forward_sigterm():
+            run_processes(_worker, args.nproc, args=(argv, errors))
+    except SystemExit as e:  # one process: the worker printed its line
+        if e.code != BAD_STEP_EXIT:
+            raise
+        return BAD_STEP_EXIT
+    except ProcessExitedException as e:
+        reports = []
+        while errors is not None and not errors.empty():
+            reports.append(errors.get())
+        if e.exit_code == BAD_STEP_EXIT and reports:
+            print(f"error: {min(reports)[1]}", file=sys.stderr, flush=True)
+            return BAD_STEP_EXIT
+        if e.signal_name == "SIGTERM":
+            print("error: the ranks were terminated by SIGTERM without saving; pass --exit-signal-handler to save "
+                  "a checkpoint and stop cleanly on SIGTERM", file=sys.stderr, flush=True)
+            return 128 + 15
+        raise
+    return 0
 
 
 def train_main(cli: list[str], sample_text: Callable[[str, str, int, int], str] | None = None) -> int:
     """The command; `sample_text` (from the inference tier, wired by the CLI) writes the text sample."""
-    from xlstm_megatron.runs.launch import launch_env, run_processes
+    from xlstm_megatron.runs.launch import launch_env
+    from xlstm_megatron.training.checks import check_async_save, fault_defaults
 
     # Megatron-LM's launch scripts export this (TP/CP on Hopper and older need it); the ranks inherit it
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:  # everything that can be checked before a process starts or a byte is written
         env = launch_env()
         argv = build_argv(cli)
+        argv += fault_defaults(argv)
         probe, _ = _parse(argv)  # unvalidated: only the world size and the data flags are read from it
+        check_async_save(probe)  # before validate_args, which turns --async-save off with only a warning
         world = env.world_size if env.launched else probe.nproc
         argv = _prepare_data(probe, argv)
         args, _ = parse_run_args(argv, world_size=world)
         _check_before_start(args)
+        from xlstm_megatron.training.deepspeed_engine import check_deepspeed_args
+        check_deepspeed_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if env.launched:
-        _worker(argv)
+        try:
+            _worker(argv)
+        except SystemExit as e:  # a bad step: the rank printed its line
+            return int(e.code or 0)
         if env.rank != 0:
             return 0
     else:
-        run_processes(_worker, args.nproc, args=(argv,))
+        code = _run_local_ranks(args, argv)
+        if code:
+            return code
     from xlstm_megatron.training.report import write_report
 
     write_report(args, sample_text)

@@ -145,13 +145,11 @@ def xlstm_floating_point_operations(args: Namespace, batch_size: int, *_: Any, *
     """Training FLOPs of one global batch of the xLSTM model (`models.flops`, checked against torch's FLOP counter):
     what Megatron's throughput log (`--log-throughput`) and the checkpoints' `num_floating_point_operations_so_far`
     report. Megatron's own count is a Transformer's and would be wrong for these layers."""
-    from xlstm_megatron.models.flops import train_flops_per_token
-    from xlstm_megatron.runs.model import xlstm_config_from_args
+    from xlstm_megatron.runs.model import train_flops_per_token_from_args
 
     key = (id(args), args.seq_length)
-    if _FLOPS_PER_TOKEN.get("key") != key:
-        _FLOPS_PER_TOKEN.update(key=key, value=train_flops_per_token(
-            xlstm_config_from_args(args), int(args.padded_vocab_size), args.seq_length))
+    if _FLOPS_PER_TOKEN.get("key") != key:  # either family (the Transformer baseline's count is causal attention's)
+        _FLOPS_PER_TOKEN.update(key=key, value=train_flops_per_token_from_args(args))
     return float(_FLOPS_PER_TOKEN["value"] * batch_size * args.seq_length)
 
 
