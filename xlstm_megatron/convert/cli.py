@@ -3,6 +3,7 @@
     convert hf-to-megatron --hf-dir D --out CKPT [--dtype fp32|bf16]
     convert megatron-to-hf --ckpt CKPT [--iteration N] [--dtype fp32|bf16] [--max-shard-size 2GB] --out D
     convert xlstm-v1-to-megatron --state-dict F.pt --config V1.yaml --out CKPT [--dtype fp32|bf16]
+    convert deepspeed-to-megatron --ckpt DS_DIR [--tag global_stepN] --out CKPT
 
 Bad input ends with one `error: ...` line on stderr and exit status 2; nothing is written then (output goes to a
 temporary directory next to --out and is renamed at the end; an existing --out is refused). The checkpoints are
@@ -20,7 +21,7 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlstm-megatron convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{hf-to-megatron,megatron-to-hf,"
-                                                                           "xlstm-v1-to-megatron}")
+                                                                           "xlstm-v1-to-megatron,deepspeed-to-megatron}")
     dtypes = ["fp32", "bf16"]
     p = sub.add_parser("hf-to-megatron", help="Hugging Face xLSTMForCausalLM directory -> our checkpoint")
     p.add_argument("--hf-dir", type=Path, required=True, help="directory with config.json and safetensors")
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="its xLSTMLMModelConfig as YAML or JSON")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     p.add_argument("--dtype", choices=dtypes, default="fp32", help="dtype of the saved weights")
+    p = sub.add_parser("deepspeed-to-megatron", help="a `train --deepspeed` checkpoint (ZeRO 0-3) -> our checkpoint")
+    p.add_argument("--ckpt", type=Path, required=True, help="the DeepSpeed run's --save directory")
+    p.add_argument("--tag", help="DeepSpeed tag to export, e.g. global_step600 (default: its `latest`)")
+    p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     return parser
 
 
@@ -55,6 +60,10 @@ def convert_main(argv: list[str] | None = None) -> int:
             from xlstm_megatron.convert.hf_files import parse_size
 
             megatron_to_hf(args.ckpt, args.out, args.iteration, args.dtype, parse_size(args.max_shard_size))
+        elif args.direction == "deepspeed-to-megatron":
+            from xlstm_megatron.convert.deepspeed import deepspeed_to_megatron
+
+            deepspeed_to_megatron(args.ckpt, args.out, args.tag)
         else:
             from xlstm_megatron.convert.v1 import v1_to_checkpoint
 

@@ -1,7 +1,8 @@
 """The official xLSTM initialisations as plain functions (usable on full tensors and as Megatron ``init_method``)."""
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -43,3 +44,19 @@ def slstm_forget_gate_bias(head_dim: int, block_idx: int, num_blocks: int) -> Te
     ratio = block_idx / (num_blocks - 1) if num_blocks > 1 else 0.0
     pos = torch.arange(head_dim, dtype=torch.float32) / max(head_dim - 1, 1)
     return -(-5.0 + 12.0 * pos ** (0.3 + 1.3 * ratio))
+
+
+@contextlib.contextmanager
+def gathered_for_write(*params: Tensor) -> Iterator[None]:
+    """Write into parameters in place even when DeepSpeed ZeRO-3 has already partitioned them (a model built under
+    `deepspeed.zero.Init`: a child module's weight is partitioned before its parent initialises it): gathered for the
+    block, rank 0's values (every rank draws the same) re-partitioned after it. A plain no-op otherwise; DeepSpeed is
+    imported only when such a parameter is given."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
