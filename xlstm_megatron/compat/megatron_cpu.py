@@ -153,7 +153,35 @@ def enable_megatron_cpu_compat() -> None:
     rng = importlib.import_module("megatron.core.tensor_parallel.random")
     _replace_everywhere(rng, "_get_cuda_rng_state", _get_cpu_rng_state)
     _replace_everywhere(rng, "_set_cuda_rng_state", _set_cpu_rng_state)
+    _enable_fsdp2_cpu_mesh()
     _ACTIVE = True
+
+
+class _CpuDeviceMesh:
+    """Stands in for `DeviceMesh` inside Megatron's torch-FSDP2 wrapper: `from_group(group, "cuda")` builds the mesh
+    on "cpu" (torch's FSDP2 then shards, all-gathers and reduce-scatters CPU tensors over gloo)."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+def _enable_fsdp2_cpu_mesh() -> None:
+    """`TorchFullyShardedDataParallel.__init__` (--use-torch-fsdp2) builds its mesh as
+    `DeviceMesh.from_group(group, "cuda")`, a positional literal the TorchFunctionMode cannot see (section 8 of
+    patches/README.md)."""
+    name = "megatron.core.distributed.torch_fully_sharded_data_parallel"
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        _MISSING_TARGETS.append(f"{name}.DeviceMesh")
+        return
+    if not hasattr(module, "DeviceMesh"):
+        _MISSING_TARGETS.append(f"{name}.DeviceMesh")
+        return
+    module.DeviceMesh = _CpuDeviceMesh
 
 
 def model_parallel_manual_seed(seed: int) -> None:

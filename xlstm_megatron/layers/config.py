@@ -64,6 +64,15 @@ XLSTM_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                mlstm_backward="exact", head_norm_eps=1e-5),
 }
 FFN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+# Names of `recompute_modules` (`--recompute-granularity selective --recompute-modules ...`) that the xLSTM mixers
+# honour, next to Megatron's own ("mlp", "layernorm", and "core_attn" for '*' layers). Each checkpoints only the cell:
+# its inputs are kept, its internal activations are recomputed in backward.
+XLSTM_RECOMPUTE_MODULES: dict[str, str] = {
+    "mlstm_cell": "the chunkwise mLSTM cell (Large and v1): q, k, v and the gates are kept, the cell's per-chunk "
+                  "states and normalisers are recomputed",
+    "slstm_cell": "the sLSTM gate projections W x and the recurrence (v1): the block's input and conv output are "
+                  "kept, the per-step gate pre-activations and states are recomputed",
+}
 # Settings every xLSTM model shares: no biases in the big projections, no dropout.
 COMMON_DEFAULTS: dict[str, Any] = dict(add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -152,7 +161,14 @@ class XLSTMConfig(TransformerConfig):
             self.init_method = normal_init_method(self.init_method_std)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = normal_init_method(wang_init_std(self.hidden_size, self.num_layers))
+        # TransformerConfig asserts that recompute_modules names only Megatron's modules and has no registry, so the
+        # xLSTM names are taken out for its check and put back after (idempotent if __post_init__ runs again).
+        ours = [m for m in (self.recompute_modules or []) if m in XLSTM_RECOMPUTE_MODULES]
+        if ours:
+            self.recompute_modules = [m for m in self.recompute_modules if m not in XLSTM_RECOMPUTE_MODULES]
         super().__post_init__()
+        if ours:
+            self.recompute_modules = [*self.recompute_modules, *ours]
         self.validate_xlstm()
 
     # ---- derived sizes ------------------------------------------------------------------------------------------
@@ -233,6 +249,7 @@ class XLSTMConfig(TransformerConfig):
             raise ValueError(f"slstm_forget_gate={self.slstm_forget_gate!r} is unknown; use 'sigmoid' or 'exp'")
         if self.mlstm_chunk_size < 1:
             raise ValueError(f"mlstm_chunk_size={self.mlstm_chunk_size} must be >= 1")
+        self._validate_recompute_modules()
         if self.fp8:
             self.validate_fp8()
         if self.tp_comm_overlap:
@@ -247,6 +264,22 @@ class XLSTMConfig(TransformerConfig):
                     f"num_layers={self.num_layers} cannot be split evenly over pipeline_model_parallel_size={pp}"
                     f" x virtual stages={vp}; change num_layers or use num_layers_in_first/last_pipeline_stage"
                 )
+
+    def _validate_recompute_modules(self) -> None:
+        """The xLSTM names of `recompute_modules` need selective granularity and a layer that has the cell (as
+        Megatron refuses "mla_up_proj" without MLA): a name that would do nothing is an error, not a silent no-op."""
+        ours = [m for m in self.recompute_modules or [] if m in XLSTM_RECOMPUTE_MODULES]
+        if ours and self.recompute_granularity != "selective":
+            raise ValueError(f"recompute_modules {ours} act only with recompute_granularity='selective' "
+                             f"(it is {self.recompute_granularity!r}); set --recompute-granularity selective")
+        if "mlstm_cell" in ours and "m" not in self.layer_pattern:
+            raise ValueError("recompute_modules has 'mlstm_cell' but xlstm_pattern has no mLSTM layer ('m'); drop it")
+        if "slstm_cell" in ours and "s" not in self.layer_pattern:
+            raise ValueError("recompute_modules has 'slstm_cell' but xlstm_pattern has no sLSTM layer ('s'); drop it")
+
+    def recomputes(self, module: str) -> bool:
+        """Whether selective recompute of `module` (an XLSTM_RECOMPUTE_MODULES name) is on."""
+        return self.recompute_granularity == "selective" and module in (self.recompute_modules or [])
 
     def fp8_gemm_shapes(self) -> dict[str, tuple[int, int]]:
         """(rows, columns) on one TP rank of every weight that runs as an FP8 GEMM (the TE linears of the xLSTM

@@ -107,6 +107,7 @@ class MLSTMV1Mixer(HeadParallelMixer):
         self.fgate_bias = local(mlstm_forget_gate_bias(NH))
         self.learnable_skip = local(torch.ones(inner))
         self.norm_weight = local(torch.zeros(inner))
+        self.recompute_cell = config.recomputes("mlstm_cell")
         if config.perform_initialization:
             fill_fused_rows(self.in_proj.weight, [(inner, small), (inner, small)], self.tp_rank, self.tp_size)
 
@@ -139,10 +140,7 @@ class MLSTMV1Mixer(HeadParallelMixer):
             return t.reshape(S, B, h, self.head_dim).permute(1, 2, 0, 3)
 
         if context is None:
-            out = mlstm_chunkwise_kernel(
-                heads(q), heads(k), heads(v), i, f, kernel=cfg.mlstm_kernel,
-                chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
-            )
+            out = self.run_cell(self.recompute_cell, self._cell, heads(q), heads(k), heads(v), i, f)
         else:
             out, cell_state = mlstm_with_state(
                 heads(q), heads(k), heads(v), i, f, None if state is None else state[1:],
@@ -152,6 +150,14 @@ class MLSTMV1Mixer(HeadParallelMixer):
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0)
         out = out.reshape(S, B, self.local_inner) + self.learnable_skip * x_c
         return self.out_proj(out * F.silu(z))
+
+    def _cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
+              ) -> torch.Tensor:
+        cfg: XLSTMConfig = self.config
+        return mlstm_chunkwise_kernel(
+            q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
+            eps=cfg.mlstm_eps,
+        )
 
     def _gate_preactivations(self, qkv_local: torch.Tensor) -> torch.Tensor:
         """[S, B, 3*local_inner] (this rank's q | k | v channels) -> [S, B, local heads, 2] gate pre-activations."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.random import checkpoint as tp_checkpoint
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
@@ -16,6 +18,8 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
     sharded_state_dict_default,
 )
+
+from xlstm_megatron.ops.init import gathered_for_write
 
 
 def tp_group_of(pg_collection: ProcessGroupCollection | None) -> torch.distributed.ProcessGroup | None:
@@ -61,6 +65,15 @@ class HeadParallelMixer(MegatronModule):
     def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
         return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
 
+    def run_cell(self, recompute: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, under Megatron's activation checkpoint when `recompute` (the mixer's selective-recompute
+        flag) is on and a backward will follow: only `args` are kept, `fn`'s activations are recomputed in backward
+        with the RNG states of the forward (Megatron's `tensor_parallel.checkpoint`, as its core-attention recompute).
+        `fn` must return one tensor (the state outputs of the cells are not checkpointed)."""
+        if recompute and self.training and torch.is_grad_enabled():
+            return tp_checkpoint(fn, False, *args)
+        return fn(*args)
+
 
 def fill_fused_rows(
     weight: torch.Tensor,
@@ -73,7 +86,7 @@ def fill_fused_rows(
     Each part is given as (global rows, init fn or None for zeros). The full part is drawn on CPU with the default
     generator in a fixed order and the rank's slice copied in, so the model is the same for every TP size.
     """
-    with torch.no_grad():
+    with torch.no_grad(), gathered_for_write(weight):  # a ZeRO-3 partitioned weight is written gathered
         start = 0
         for rows, init in parts:
             full = torch.zeros(rows, weight.shape[1], dtype=torch.float32)
@@ -107,5 +120,19 @@ def mixer_sharded_state_dict(
     for name, child in module.named_children():
         sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group))
     for key, (sections, names) in (fused_splits or {}).items():
+        if _fsdp2_dp_sharded(module.get_parameter(key)):
+            # torch FSDP2 shards the TP-local fused rows again over DP (contiguous row blocks that cut across the
+            # parts), so the parts cannot be named separately: the fused tensor is saved as Megatron's helper lays it
+            # out (TP x DP row blocks). Such checkpoints resume at the same TP size; they do not reshard over TP.
+            continue
         sharded[f"{prefix}{key}"] = _split_tensor_factory(sharded[f"{prefix}{key}"], sections, names, 0)
     return sharded
+
+
+def _fsdp2_dp_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` is a torch-FSDP2 DTensor sharded over more than one data-parallel rank (Megatron marks the
+    parameters its FSDP2 wrapper shards with `is_torch_fsdp2_param`)."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(getattr(param, "is_torch_fsdp2_param", False)) and isinstance(param, DTensor) \
+        and param.device_mesh.size() > 1
