@@ -17,7 +17,7 @@ def test_ops_imports_no_megatron_or_oracle():
 
 
 # Which of the package's tiers each tier may import: one way, lower tiers first; the peers at the top (training,
-# convert, inference) share `runs` and never import each other (the command line wires them together).
+# convert, inference, studies) share `runs` and never import each other (the command line wires them together).
 ALLOWED = {
     "ops": {"ops"},
     "compat": {"compat"},
@@ -28,6 +28,7 @@ ALLOWED = {
     "training": {"ops", "compat", "data", "layers", "models", "runs", "training"},
     "convert": {"ops", "compat", "data", "layers", "models", "runs", "convert"},
     "inference": {"ops", "compat", "data", "layers", "models", "runs", "inference"},
+    "studies": {"ops", "compat", "data", "layers", "models", "runs", "studies"},
 }
 
 

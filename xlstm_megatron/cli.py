@@ -1,4 +1,4 @@
-"""`xlstm-megatron`: the console command (train, preprocess, generate, convert)."""
+"""`xlstm-megatron`: the console command (train, preprocess, generate, convert, study)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   preprocess  jsonl / text files -> Megatron indexed dataset (.bin/.idx)
   generate    continue a prompt from a checkpoint with constant-memory recurrent decoding
   convert     Hugging Face xLSTM <-> Megatron dist checkpoint; official `xlstm` v1 -> Megatron
+  study       scaling studies: run a grid of families x sizes x budgets x LRs, collect a CSV, fit scaling laws
 
 `xlstm-megatron <command> --help` lists the options of a command."""
 
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         from xlstm_megatron.inference.cli import generate_main
 
         return generate_main(rest)
+    if command == "study":
+        from xlstm_megatron.inference.sample import sample_text
+        from xlstm_megatron.studies.cli import study_main
+        from xlstm_megatron.training.command import add_runner_args, train_main
+
+        return study_main(rest, lambda argv: train_main(argv, sample_text), add_runner_args)
     return _fail(f"unknown command {command!r}; see `xlstm-megatron --help`")
 
 

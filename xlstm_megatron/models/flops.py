@@ -4,10 +4,12 @@ Counts what the implementation multiplies: projections, the depthwise convs, the
 full L x L block of each chunk, masked, so its intra-chunk term is 2 L (DQK + DV) per token and head), the sLSTM
 recurrence and the output layer. Norms, gates' element-wise math, the embedding lookup and the loss are left out
 (they are O(E) per token against O(E^2)). A training step costs 3x the forward (backward = 2x forward), the usual
-convention for MFU; activation recomputation is not counted.
+convention for MFU; activation recomputation is not counted. The Transformer baseline's count is at the end.
 """
 
 from __future__ import annotations
+
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xlstm_megatron.layers.config import XLSTMConfig
 
@@ -19,7 +21,7 @@ def mlstm_cell_flops_per_token(qk_head_dim: int, v_head_dim: int, heads: int, ch
     return heads * per_head
 
 
-def _mlp(config: XLSTMConfig) -> int:
+def _mlp(config: TransformerConfig) -> int:
     E, F = config.hidden_size, config.ffn_hidden_size
     return 2 * E * F * (2 if config.gated_linear_unit else 1) + 2 * F * E
 
@@ -58,6 +60,34 @@ def forward_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: in
 
 def train_flops_per_token(config: XLSTMConfig, vocab_size: int, seq_length: int) -> int:
     return 3 * forward_flops_per_token(config, vocab_size, seq_length)
+
+
+# ---- the Transformer baseline (Megatron's GPTModel, `--model-family transformer`) ------------------------------
+
+
+def attention_flops_per_token(config: TransformerConfig, seq_length: int, causal: bool = True) -> int:
+    """Megatron self-attention, per token: q/k/v (GQA: fewer k/v heads) and output projections, and the S-long
+    scores QK^T and values AV. `causal` counts the lower triangle only (what a causal kernel, flash / Transformer
+    Engine, multiplies, and Megatron's own FLOP formula); False counts the full S x S square that the local
+    (unfused) attention multiplies before masking, which is what torch's FLOP counter sees on CPU."""
+    E, heads = config.hidden_size, config.num_attention_heads
+    q = config.kv_channels * heads
+    kv = config.kv_channels * (config.num_query_groups or heads)
+    context = seq_length / 2 if causal else seq_length  # mean number of keys a query attends to
+    return int(2 * E * (q + 2 * kv) + 2 * 2 * context * q + 2 * q * E)
+
+
+def transformer_forward_flops_per_token(config: TransformerConfig, vocab_size: int, seq_length: int,
+                                        causal: bool = True) -> int:
+    """Forward FLOPs per token of the baseline: per layer attention + (gated) MLP, then the output layer (norms,
+    RoPE, softmax and the loss are O(E) per token and left out, as for the xLSTM stacks)."""
+    layer = attention_flops_per_token(config, seq_length, causal) + _mlp(config)
+    return config.num_layers * layer + 2 * config.hidden_size * vocab_size
+
+
+def transformer_train_flops_per_token(config: TransformerConfig, vocab_size: int, seq_length: int) -> int:
+    """3x the forward, as `train_flops_per_token` (causal attention)."""
+    return 3 * transformer_forward_flops_per_token(config, vocab_size, seq_length)
 
 
 # Dense peak TFLOP/s per device (bf16, fp32 without TF32) from the vendors' data sheets, for MFU.

@@ -21,6 +21,8 @@ The padded vocabulary is the caller's: pass the model's vocab size (after paddin
 
 from __future__ import annotations
 
+from megatron.core.transformer.transformer_config import TransformerConfig
+
 from xlstm_megatron.layers.config import XLSTMConfig
 
 
@@ -28,7 +30,7 @@ def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
     return fan_in * fan_out + (fan_out if bias else 0)
 
 
-def mlp_parameters(config: XLSTMConfig) -> int:
+def mlp_parameters(config: TransformerConfig) -> int:
     """Megatron `MLP`: fc1 E -> F (x2 for a gated linear unit), fc2 F -> E, biases iff add_bias_linear."""
     E, F, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
     fc1_out = 2 * F if config.gated_linear_unit else F
@@ -64,7 +66,7 @@ def slstm_mixer_parameters(config: XLSTMConfig) -> int:
     return conv + gate_proj + recurrent + 4 * E + E  # + gate biases (NH, 4, DH) + group norm weight
 
 
-def attention_parameters(config: XLSTMConfig) -> int:
+def attention_parameters(config: TransformerConfig) -> int:
     """Megatron `SelfAttention` of the local GPT layer spec (no q/k layernorm in that spec)."""
     E, kv = config.hidden_size, config.kv_channels
     q_size, kv_size = kv * config.num_attention_heads, kv * config.num_query_groups
@@ -105,4 +107,34 @@ def count_parameters(config: XLSTMConfig, vocab_size: int, share_embeddings: boo
     return sum(parameter_breakdown(config, vocab_size, share_embeddings).values())
 
 
-__all__ = ["count_parameters", "layer_parameters", "parameter_breakdown"]
+# ---- the Transformer baseline (Megatron's GPTModel, `--model-family transformer`) ------------------------------
+
+
+def _norm(config: TransformerConfig, width: int) -> int:
+    return width * (2 if config.normalization == "LayerNorm" else 1)  # torch LayerNorm has a bias, RMSNorm none
+
+
+def transformer_parameter_breakdown(config: TransformerConfig, vocab_size: int, share_embeddings: bool = False,
+                                    learned_positions: int = 0) -> dict[str, int]:
+    """Parameters per part of Megatron's GPTModel with the default (local or TE) layer spec: embedding (plus a
+    learned position table of `learned_positions` rows; RoPE has none), attention_layers (input norm, attention with
+    optional q/k norms, pre-MLP norm, MLP), final_norm, output_layer."""
+    E = config.hidden_size
+    qk_norms = 2 * _norm(config, config.kv_channels) if config.qk_layernorm else 0
+    layer = _norm(config, E) + attention_parameters(config) + qk_norms + _norm(config, E) + mlp_parameters(config)
+    return {
+        "embedding": vocab_size * E + learned_positions * E,
+        "attention_layers": config.num_layers * layer,
+        "final_norm": _norm(config, E),
+        "output_layer": 0 if share_embeddings else vocab_size * E,
+    }
+
+
+def count_transformer_parameters(config: TransformerConfig, vocab_size: int, share_embeddings: bool = False) -> int:
+    return sum(transformer_parameter_breakdown(config, vocab_size, share_embeddings).values())
+
+
+__all__ = [
+    "count_parameters", "count_transformer_parameters", "layer_parameters", "parameter_breakdown",
+    "transformer_parameter_breakdown",
+]

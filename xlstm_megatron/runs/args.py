@@ -41,6 +41,7 @@ from xlstm_megatron.runs.errors import ConfigError
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 XLSTM_SPEC = ["xlstm_megatron.layers.specs", "xlstm_block_spec"]
+MODEL_FAMILIES = ("xlstm", "transformer")
 
 # (field, type, choices, help). Defaults are XLSTMConfig's; None means the family default of --xlstm-block.
 XLSTM_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
@@ -70,6 +71,9 @@ _DATACLASS_DEFAULTS = {f: XLSTMConfig.__dataclass_fields__[f].default for f, *_ 
 
 def add_xlstm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("xLSTM")
+    group.add_argument("--model-family", dest="model_family", choices=MODEL_FAMILIES, default="xlstm",
+                       help="xlstm: the xLSTM families of --xlstm-block; transformer: the Llama-style baseline "
+                            "(Megatron's GPTModel: RoPE, RMSNorm, SwiGLU, no biases, untied) in the same harness")
     group.add_argument("--xlstm-block", dest="xlstm_block", choices=("large", "v1"), default="large",
                        help="block family: xLSTM-7B 'large' or the NeurIPS 2024 'v1' blocks")
     for name, typ, choices, help_text in XLSTM_FLAGS:
@@ -200,7 +204,10 @@ def _differs(given: Any, family: Any) -> bool:
 def apply_xlstm_family(args: argparse.Namespace, explicit: set[str]) -> list[str]:
     """Set every family-governed argument not in `explicit` to the family's value (before Megatron's
     `validate_args`); return one warning per explicit flag that differs from the family and is honoured. Raises
-    ConfigError (one line, naming the fix) for contradictions the family refuses."""
+    ConfigError (one line, naming the fix) for contradictions the family refuses. `--model-family transformer`
+    applies the baseline's family instead (`apply_transformer_family`)."""
+    if getattr(args, "model_family", "xlstm") == "transformer":
+        return apply_transformer_family(args, explicit)
     block = args.xlstm_block
     spec = getattr(args, "spec", None)
     if spec and not spec[0].startswith("xlstm_megatron"):
@@ -242,6 +249,65 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+# ---- the Transformer baseline's architecture ------------------------------------------------------------------
+
+
+def transformer_ffn_hidden_size(args: argparse.Namespace) -> int:
+    """Llama's SwiGLU width round_up(8/3 x E, 64): the 4·E MLP's parameters in a gated unit (Megatron's own
+    `--swiglu` default rounds down instead)."""
+    return _round_up(8 * args.hidden_size / 3, 64)
+
+
+# dest -> (Megatron flag, family value (constant or function of the args), policy, why). The baseline is Llama's
+# block on Megatron's GPTModel; what it shares with the xLSTM families (no biases, no dropout, untied embeddings, the
+# same init) is shared so that a comparison differs in the mixer and the position encoding only.
+TRANSFORMER_FLAG_POLICY: dict[str, tuple[str, Any, Policy, str]] = {
+    "normalization": ("--normalization", "RMSNorm", "warn", "RMSNorm (Llama)"),
+    "layernorm_epsilon": ("--norm-epsilon", 1e-5, "warn", "1e-5 (Llama 2/3)"),
+    "add_bias_linear": ("--disable-bias-linear", False, "fixed", "no linear biases"),
+    "add_qkv_bias": ("--add-qkv-bias", False, "warn", "no q/k/v biases"),
+    "hidden_dropout": ("--hidden-dropout", 0.0, "warn", "0, as the xLSTM families"),
+    "attention_dropout": ("--attention-dropout", 0.0, "warn", "0"),
+    "untie_embeddings_and_output_weights": ("--untie-embeddings-and-output-weights", True, "fixed", "untied"),
+    "swiglu": ("--swiglu", True, "fixed", "SwiGLU MLP"),
+    "ffn_hidden_size": ("--ffn-hidden-size", transformer_ffn_hidden_size, "warn", "round_up(8/3 x E, 64)"),
+    "position_embedding_type": ("--position-embedding-type", "rope", "warn", "RoPE (base --rotary-base, 10000)"),
+    "init_method_std": (
+        "--init-method-std", lambda a: small_init_std(a.hidden_size), "warn",
+        "sqrt(2 / (5 E)) as the xLSTM families (output projections: Wang init 2 / (L sqrt(E)), set in runs.model)"),
+}
+
+
+def apply_transformer_family(args: argparse.Namespace, explicit: set[str]) -> list[str]:
+    """`--model-family transformer`: the baseline's values for every governed argument the user did not give
+    (TRANSFORMER_FLAG_POLICY), one warning per given one that differs; xLSTM flags and `--spec` are refused (the
+    baseline is Megatron's GPTModel with its own local / Transformer Engine layer spec)."""
+    xlstm_given = sorted(d for d in explicit if d in _DATACLASS_DEFAULTS or d == "xlstm_block")
+    if xlstm_given:
+        flag = "--" + xlstm_given[0].replace("_", "-")
+        raise ConfigError(f"{flag} is an xLSTM flag, but --model-family transformer builds Megatron's GPTModel; "
+                          f"drop {flag} or use --model-family xlstm")
+    if getattr(args, "spec", None):
+        raise ConfigError(f"--spec {' '.join(args.spec)}: --model-family transformer builds Megatron's own GPT layer "
+                          "spec (local or Transformer Engine by --transformer-impl); drop --spec")
+    if args.max_position_embeddings is None:  # RoPE needs no table, but validate_args requires the field
+        args.max_position_embeddings = args.seq_length
+    warnings: list[str] = []
+    for dest, (flag, value, _policy, doc) in TRANSFORMER_FLAG_POLICY.items():
+        family = value(args) if callable(value) else value
+        if dest not in explicit:
+            setattr(args, dest, family)
+        elif _differs(getattr(args, dest), family):
+            given = getattr(args, dest)
+            warnings.append(f"Transformer baseline: {flag} {_shown(given)} differs from the family's "
+                            f"{_shown(family)} ({doc}); training with {_shown(given)} as given")
+    # The architecture record a checkpoint keeps (runs.checkpoint.architecture) reads these: all-attention layers,
+    # no soft caps, SwiGLU; so a baseline checkpoint never passes for an xLSTM one.
+    args.xlstm_pattern = "*" * args.num_layers
+    args.gate_soft_cap, args.output_logit_soft_cap, args.ffn_activation = 0.0, 0.0, "silu"
+    return warnings
+
+
 # ---- parsing ---------------------------------------------------------------------------------------------------
 
 
@@ -261,10 +327,14 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return set(vars(namespace))
 
 
+_PARSERS: dict[ExtraArgsProvider | None, argparse.ArgumentParser] = {}
+
+
 def _parse(argv: list[str], extra_args_provider: ExtraArgsProvider | None) -> tuple[argparse.Namespace, list[str]]:
     from megatron.core.msc_utils import MultiStorageClientFeature
 
-    parser = megatron_parser(extra_args_provider)
+    parser = _PARSERS.get(extra_args_provider) or megatron_parser(extra_args_provider)
+    _PARSERS[extra_args_provider] = parser  # building Megatron's parser costs ~0.3 s; parsing leaves it unchanged
     args = parser.parse_args(argv)
     args._is_global_batch_size_explicitly_specified = args.global_batch_size is not None  # as Megatron's parse_args
     args.rank, args.world_size = int(os.getenv("RANK", "0")), int(os.getenv("WORLD_SIZE", "1"))
@@ -382,8 +452,10 @@ def yaml_to_argv(doc: dict[str, Any], parser: argparse.ArgumentParser) -> list[s
 def architecture_line(args: argparse.Namespace) -> str:
     """One line for the run's start: family, pattern, widths, vocab and exact parameter count."""
     from xlstm_megatron.models.param_count import count_parameters
-    from xlstm_megatron.runs.model import xlstm_config_from_args
+    from xlstm_megatron.runs.model import is_transformer, xlstm_config_from_args
 
+    if is_transformer(args):
+        return _transformer_architecture_line(args)
     config = xlstm_config_from_args(args)
     pattern = config.layer_pattern
     counts = ", ".join(f"{pattern.count(s)} {name}" for s, name in (("m", "mLSTM"), ("s", "sLSTM"), ("*", "attn"))
@@ -394,10 +466,7 @@ def architecture_line(args: argparse.Namespace) -> str:
         mixer = f"inner {config.mlstm_inner_size}"
     has_ffn = config.xlstm_block == "large" or "s" in pattern or "*" in pattern
     ffn = f"ffn {config.ffn_hidden_size} {config.ffn_activation}-GLU" if has_ffn else "no ffn"
-    vocab = getattr(args, "padded_vocab_size", None)
-    if vocab is None and args.vocab_size is not None:
-        multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-        vocab = -(-args.vocab_size // multiple) * multiple  # Megatron's padding (vocab_size_with_padding)
+    vocab = _padded_vocab(args)
     tied = not args.untie_embeddings_and_output_weights
     params = f"{count_parameters(config, vocab, tied):,} parameters" if vocab else "parameters: vocab unknown"
     return (f"xLSTM {config.xlstm_block}: {config.num_layers} blocks {pattern} ({counts}), E {config.hidden_size}, "
@@ -406,8 +475,33 @@ def architecture_line(args: argparse.Namespace) -> str:
             f"{'tied' if tied else 'untied'} embeddings, vocab {vocab}, {params}")
 
 
+def _padded_vocab(args: argparse.Namespace) -> int | None:
+    vocab = getattr(args, "padded_vocab_size", None)
+    if vocab is None and args.vocab_size is not None:
+        multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+        vocab = -(-args.vocab_size // multiple) * multiple  # Megatron's padding (vocab_size_with_padding)
+    return vocab
+
+
+def _transformer_architecture_line(args: argparse.Namespace) -> str:
+    from xlstm_megatron.runs.model import parameter_counts_from_args, transformer_config_from_args
+
+    config = transformer_config_from_args(args)
+    vocab = _padded_vocab(args)
+    groups = config.num_query_groups or config.num_attention_heads
+    gqa = f", {groups} kv groups" if groups != config.num_attention_heads else ""
+    position = "RoPE" if args.position_embedding_type == "rope" else args.position_embedding_type
+    mlp = "SwiGLU" if config.gated_linear_unit else "MLP"
+    params = (f"{parameter_counts_from_args(args)['total']:,} parameters" if vocab else "parameters: vocab unknown")
+    return (f"Transformer baseline: {config.num_layers} layers, E {config.hidden_size}, {config.num_attention_heads} "
+            f"heads of {config.kv_channels}{gqa}, {position}, ffn {config.ffn_hidden_size} {mlp}, "
+            f"{config.normalization} eps {config.layernorm_epsilon:g}, init std {config.init_method_std:.4g}, "
+            f"{'untied' if args.untie_embeddings_and_output_weights else 'tied'} embeddings, vocab {vocab}, {params}")
+
+
 __all__ = [
     "FAMILY_FLAG_POLICY", "XLSTM_FLAGS", "add_xlstm_args", "apply_xlstm_family", "architecture_line",
-    "explicit_dests", "family_ffn_hidden_size", "family_policy_table", "megatron_args", "megatron_parser",
-    "parse_xlstm_args", "yaml_to_argv",
+    "MODEL_FAMILIES", "TRANSFORMER_FLAG_POLICY", "apply_transformer_family", "explicit_dests",
+    "family_ffn_hidden_size", "family_policy_table", "megatron_args", "megatron_parser", "parse_xlstm_args",
+    "transformer_ffn_hidden_size", "yaml_to_argv",
 ]

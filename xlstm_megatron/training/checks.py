@@ -64,9 +64,9 @@ def argparse_error(printed: str) -> str:
 def check_model(args: Namespace) -> None:
     """The model's own config checks (Megatron's TransformerConfig and XLSTMConfig: heads and sLSTM heads divisible by
     TP, widths, patterns), which would otherwise fail in every rank after start-up."""
-    from xlstm_megatron.runs.model import xlstm_config_from_args
+    from xlstm_megatron.runs.model import is_transformer, transformer_config_from_args, xlstm_config_from_args
 
-    xlstm_config_from_args(args)
+    (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)  # either family
 
 
 def check_tokenizer(args: Namespace) -> None:
