@@ -144,9 +144,8 @@ def test_bad_directories_fail_with_one_line(tmp_path):
         ckpt.latest_iteration(tmp_path)
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ckpt.resolve_checkpoint_dir(tmp_path)
-    assert ckpt.resolve_checkpoint_dir(tmp_path, 2) == tmp_path / "iter_0000002"
-    with pytest.raises(ConfigError, match="is not a Megatron dist checkpoint"):
-        ckpt.saved_args(tmp_path / "iter_0000002")
+    with pytest.raises(ConfigError, match=r"is incomplete \(no metadata.json: its save did not finish\)"):
+        ckpt.resolve_checkpoint_dir(tmp_path, 2)  # an iteration directory whose save never finished
     with pytest.raises(ConfigError, match="has no checkpoint"):
         ckpt.resolve_checkpoint_dir(tmp_path / "iter_0000002")
     assert ckpt.latest_iteration(tmp_path / "nowhere") is None
