@@ -106,7 +106,7 @@ def test_checkpoint_export_refusals(tmp_path):
                                         "--out", out],
         "names '3', which is not a complete checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "nomarker",
                                                           "--out", out],
-        "is not a Megatron dist checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "marker", "--iteration", "3",
+        "is incomplete (no metadata.json: its save did not finish)": ["megatron-to-hf", "--ckpt", tmp_path / "marker", "--iteration", "3",
                                               "--out", out],
         "cannot read": ["megatron-to-hf", "--ckpt", truncated, "--out", out],
     }
