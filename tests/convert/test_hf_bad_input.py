@@ -106,9 +106,9 @@ def test_checkpoint_export_refusals(tmp_path):
                                         "--out", out],
         "names '3', which is not a complete checkpoint": ["megatron-to-hf", "--ckpt", tmp_path / "nomarker",
                                                           "--out", out],
-        "is incomplete (no metadata.json: its save did not finish)": ["megatron-to-hf", "--ckpt", tmp_path / "marker", "--iteration", "3",
-                                              "--out", out],
-        "cannot read": ["megatron-to-hf", "--ckpt", truncated, "--out", out],
+        "is incomplete (no metadata.json: its save did not finish)": [
+            "megatron-to-hf", "--ckpt", tmp_path / "marker", "--iteration", "3", "--out", out],
+        "is truncated": ["megatron-to-hf", "--ckpt", truncated, "--out", out],
     }
     for expected, (rc, err) in zip(cases, convert(*cases.values()), strict=True):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
