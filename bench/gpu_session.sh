@@ -4,12 +4,15 @@
 # limit; all stages log to $OUT/session.log and each bench writes its JSON under $OUT after every shape, so a stage
 # cut off by its limit keeps what it measured. A failing stage does not stop the next.
 #
-#   bash bench/gpu_session.sh [STAGE...]     STAGE: env tests mlstm tune slstm step   (default: env tests mlstm slstm)
+#   bash bench/gpu_session.sh [STAGE...]   STAGE: env tests mlstm tune slstm slstm_official step
+#                                          (default: env tests mlstm slstm)
 #
 # Sized for a 15-minute device budget: two calls on the same warm machine, each well inside the tool's 600 s limit,
-#   1) bash bench/gpu_session.sh                  (<= 8 min: env 30 s, tests 200 s (one autotuned case), mlstm 150 s,
-#                                                  slstm 100 s)
-#   2) bash bench/gpu_session.sh step tune        (~4.5 min)
+#   1) bash bench/gpu_session.sh                        (<= 8 min: env 30 s, tests 200 s (one autotuned case), mlstm
+#                                                        150 s, slstm 100 s: ours at the paper's sLSTM heads)
+#   2) bash bench/gpu_session.sh step slstm_official    (~5.5 min: the official CUDA sLSTM at two paper heads; its
+#                                                        kernels build per head size, ~1 min each)
+#   then `tune` (2 min) if the budget has room.
 # Packages the GPU image lacks travel as wheels: run `bash bench/gpu_wheels.sh` here first (fills the git-ignored
 # .whl/) and name `.whl` in the call's `carry`; they are installed to /tmp/site. Kernels run with fixed tiles
 # (XLSTM_MLSTM_TRITON_AUTOTUNE=0): autotuning compiles ~60 variants per head shape, more than a lease holds for every
@@ -51,12 +54,17 @@ run_stage() {
             --out "$OUT/mlstm_kernels_gpu.json" ;;
         tune) XLSTM_MLSTM_TRITON_AUTOTUNE=1 stage tune 120 $PY bench/mlstm_kernels_gpu.py --seq-lens 8192 \
             --heads 8x256x512 --chunks 64 --impls "ours triton c64" --reps 5 --out "$OUT/mlstm_kernels_gpu_tuned.json" ;;
-        slstm) stage slstm 100 $PY bench/slstm_kernels_gpu.py --shapes 8x2048x4x192 16x1024x8x64 --reps 5 \
+        slstm) stage slstm 100 $PY bench/slstm_kernels_gpu.py --impls "ours triton" "ours torch" "ours triton steps" \
+            --mlstm-ratio none --warmup 2 --reps 3 \
+            --shapes 8x2048x4x192 8x2048x4x256 8x2048x4x384 8x2048x4x512 8x2048x4x640 16x1024x8x64 \
             --out "$OUT/slstm_kernels_gpu.json" ;;
+        slstm_official) stage slstm_official 190 $PY bench/slstm_kernels_gpu.py --warmup 2 --reps 3 \
+            --impls "ours triton" "official cuda" --shapes 8x2048x4x192 8x2048x4x512 \
+            --out "$OUT/slstm_kernels_gpu_official.json" ;;
         step) stage step 140 $PY bench/train_step.py --config configs/large/xlstm_7b.yaml --nproc 1 \
             --tensor-model-parallel-size 1 --no-sequence-parallel --num-layers 4 --global-batch-size 4 \
             --micro-batch-size 1 --distributed-backend nccl --steps 5 --warmup 2 --out "$OUT/train_step_large4.json" ;;
-        *) echo "unknown stage $1 (env tests mlstm tune slstm step)" >&2; return 2 ;;
+        *) echo "unknown stage $1 (env tests mlstm tune slstm slstm_official step)" >&2; return 2 ;;
     esac
 }
 

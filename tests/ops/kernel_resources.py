@@ -94,7 +94,13 @@ def _ptxas_numbers(log: str) -> dict:
 
 
 def compile_variant(v: Variant) -> dict:
-    """Compile `v` and measure it. Needs a fresh TRITON_CACHE_DIR (a cached binary skips ptxas and its log)."""
+    """Compile `v` and measure it (in an empty triton cache: a cached binary skips ptxas and its log)."""
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        return _compile_and_measure(v)
+
+
+def _compile_and_measure(v: Variant) -> dict:
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -132,7 +138,7 @@ def slstm_variants(archs=ARCHS, targets=SLSTM_TARGETS, configs: dict | None = No
                             {a: ints[a] if a in ints else "*" + ptrs.get(a, "fp32")
                              for a in fn.arg_names if a not in cfg and a != "EXP_FORGET"},
                             {**cfg, "EXP_FORGET": False})
-                        opts = (("num_warps", launch.NUM_WARPS), ("num_stages", launch.NUM_STAGES))
+                        opts = (("num_warps", launch.NUM_WARPS), ("num_stages", launch.NUM_STAGES[cfg["SYNC"]]))
                         out.append(Variant("slstm", _qualname(fn), args, ce, opts, arch))
     return list(dict.fromkeys(out))  # targets sharing a specialisation compile once
 
@@ -194,19 +200,22 @@ def variants(family: str, scope: str) -> list[Variant]:
         out = mlstm_variants(tuned="all", flag_sets="both")
         for dtype in ("fp32", "fp16"):
             out += mlstm_variants(dtype=dtype, flag_sets="both")
-        return out
-    out = mlstm_variants()
-    out += mlstm_variants(targets=MLSTM_TARGETS[:1], tuned="smallest")
-    for dtype in ("fp32", "fp16"):
-        out += mlstm_variants(targets=MLSTM_TARGETS[:1], dtype=dtype)
-    return out
+    else:
+        out = mlstm_variants()
+        out += mlstm_variants(targets=MLSTM_TARGETS[:1], tuned="smallest")
+        for dtype in ("fp32", "fp16"):
+            out += mlstm_variants(targets=MLSTM_TARGETS[:1], dtype=dtype)
+    return list(dict.fromkeys(out))
 
 
 def _compile_in_pool(variants: list[Variant], jobs: int) -> list[dict]:
-    if jobs <= 1:
-        return [compile_variant(v) for v in variants]
-    with ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(compile_variant, variants, chunksize=4))
+    rows = []
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        for row in pool.map(compile_variant, variants, chunksize=4):
+            rows.append(row)
+            if len(rows) % 20 == 0:
+                print(f"compiled {len(rows)} / {len(variants)}", file=sys.stderr, flush=True)
+    return rows
 
 
 def over_limits(rows: list[dict], shared_limit: int = SHARED_LIMIT, spill_limit: int = SPILL_LIMIT) -> list[str]:
@@ -220,18 +229,14 @@ def over_limits(rows: list[dict], shared_limit: int = SHARED_LIMIT, spill_limit:
     return bad
 
 
-def run_audit(families: list[str], jobs: int, scope: str = "ci", timeout: int = 900,
-              slstm_config: str | None = None) -> list[dict]:
-    """Runs this module in a subprocess (without the interpreter, with an empty triton cache); returns its rows."""
+def run_audit(families: list[str], jobs: int, scope: str = "ci", timeout: int = 1800) -> list[dict]:
+    """Runs this module in a subprocess (without the interpreter); returns its rows."""
     repo = Path(__file__).resolve().parents[2]
-    with tempfile.TemporaryDirectory() as cache:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(TRITON_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join(filter(None, [str(repo),
-                                                                                   env.get("PYTHONPATH")])))
-        proc = subprocess.run([sys.executable, "-m", "tests.ops.kernel_resources", "--json", "--jobs", str(jobs),
-                               "--scope", scope, "--family", *families,
-                               *(["--slstm-config", slstm_config] if slstm_config else [])],
-                              capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.ops.kernel_resources", "--json", "--jobs", str(jobs),
+                           "--scope", scope, "--family", *families],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -243,12 +248,8 @@ def main() -> None:
     p.add_argument("--scope", choices=["ci", "full"], default="ci", help=variants.__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON line with every row (for the tests)")
     p.add_argument("--out", type=Path, help="also write the rows here as JSON")
-    p.add_argument("--slstm-config", help="sLSTM tiles instead of the launcher's, e.g. BB=64,BK=128,BN=128 (sm_90)")
     args = p.parse_args()
     todo = [v for family in args.family for v in variants(family, args.scope)]
-    if args.slstm_config:
-        tiles = {k: int(v) for k, v in (kv.split("=") for kv in args.slstm_config.split(","))}
-        todo = slstm_variants(archs=(90,), targets=SLSTM_TARGETS[:1], configs={True: {**tiles, "SYNC": True}})
     rows = _compile_in_pool(todo, args.jobs)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

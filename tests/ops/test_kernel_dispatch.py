@@ -1,13 +1,21 @@
-"""Kernel dispatch (mLSTM and sLSTM): torch on CPU for "auto", a clear error for an impossible "triton"."""
+"""Kernel dispatch (mLSTM and sLSTM): torch on CPU for "auto", a clear error for an impossible "triton", Triton for
+CUDA tensors at every sLSTM head size the paper models use."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel, slstm_kernel
+from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel, slstm_implementation, slstm_kernel
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise
 from xlstm_megatron.ops.slstm import slstm
+
+REPO = Path(__file__).resolve().parents[2]
+V1_71_CONFIGS = sorted((REPO / "configs" / "v1").glob("xlstm71_*.yaml"))
 
 
 def _inputs():
@@ -47,8 +55,25 @@ def test_config_refuses_triton_without_gpu():
         make_xlstm_config("large", num_layers=1, hidden_size=64, num_attention_heads=2, mlstm_kernel="triton")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("config", V1_71_CONFIGS, ids=lambda p: p.stem)
+def test_v1_paper_models_take_the_fused_slstm_path_on_cuda(config):
+    """Every xLSTM[7:1] config's sLSTM layers (4 heads of 192 ... 640) get the fused Triton kernel for CUDA tensors
+    in their training dtypes; the launcher accepts their sizes (any grid it launches is checked to fit before)."""
+    from xlstm_megatron.ops.slstm.triton import launch
+
+    model = yaml.safe_load(config.read_text())["model"]
+    dh = model["hidden_size"] // model["slstm_num_heads"]
+    assert dh >= 192
+    for dtype in (torch.bfloat16, torch.float32):
+        assert slstm_implementation(torch.device("cuda"), dtype, "auto") == "triton"
+        assert slstm_implementation(torch.device("cuda"), dtype, "triton") == "triton"
+    assert slstm_implementation(torch.device("cpu"), torch.bfloat16, "auto") == "torch"
+    launch.check_sizes(16, 2048, model["slstm_num_heads"], dh)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_auto_runs_triton_and_falls_back_beyond_the_fused_slstm_head_size(monkeypatch):
+def test_gpu_auto_runs_triton_at_every_slstm_head_size(monkeypatch):
     import xlstm_megatron.ops.mlstm.triton as mlstm_triton
     import xlstm_megatron.ops.slstm.triton as slstm_triton
 
@@ -61,11 +86,9 @@ def test_gpu_auto_runs_triton_and_falls_back_beyond_the_fused_slstm_head_size(mo
     torch.testing.assert_close(mlstm_chunkwise_kernel(*args, kernel="auto", chunk_size=4),
                                mlstm_chunkwise(*args, chunk_size=4), atol=1e-4, rtol=1e-4)
     assert calls == ["mlstm_chunkwise_triton"]
-    for dh, fused in ((64, True), (slstm_triton.MAX_DH * 2, False)):
+    for dh in (64, 192, 640):
         wx, r, b = torch.randn(1, 3, 2, 4, dh), torch.randn(2, dh, 4, dh) * dh**-0.5, torch.randn(2, 4, dh)
         wx, r, b = wx.cuda(), r.cuda(), b.cuda()
         calls.clear()
         torch.testing.assert_close(slstm_kernel(wx, r, b, kernel="auto")[0], slstm(wx, r, b)[0], atol=1e-4, rtol=1e-4)
-        assert calls == (["slstm_triton"] if fused else [])
-    with pytest.raises(ValueError, match="head size <= 128"):
-        slstm_kernel(wx, r, b, kernel="triton")
+        assert calls == ["slstm_triton"]

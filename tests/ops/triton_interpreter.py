@@ -1,6 +1,6 @@
 """Shared by the Triton kernel tests: run a test module's cases in a subprocess under `TRITON_INTERPRET=1` (the
 variable must be set before triton is imported, so the rest of the suite stays unaffected), record which exception
-type each bad call raises, check the import guard without triton, and compile kernels ahead of time."""
+type each bad call raises, and check the import guard without triton (ahead-of-time compiles: kernel_resources.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,14 +56,3 @@ def assert_guarded_without_triton(package: str, function: str) -> None:
     script = _GUARD_SCRIPT.format(package=package, function=function)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0 and "guarded" in proc.stdout, proc.stderr[-4000:]
-
-
-def assert_compiles_ahead_of_time(script: str) -> None:
-    """Runs `script` (which compiles kernels for a GPU target and prints "compiled") without the interpreter; skips
-    where no ptxas is available."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas available for ahead-of-time compilation")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

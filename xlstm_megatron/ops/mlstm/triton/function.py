@@ -190,7 +190,7 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
 
         dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
         # per-DQK-tile partial sums; zeros where the tuned tiles are larger than the smallest candidate's
-        qdq = torch.zeros(max_dqk_tiles(DQK, tune), BH, g.Sp, device=dev, dtype=F32)
+        qdq = torch.zeros(max_dqk_tiles(meta, tune), BH, g.Sp, device=dev, dtype=F32)
         kdk = torch.zeros_like(qdq)
         args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, Cs, ns, Ms, dq, qdq, S, NC, scale)
         launch("bwd_dq", g.chunk_grid("BK", DQK), args, {**meta, "HAS_DDEN": exact}, tune)

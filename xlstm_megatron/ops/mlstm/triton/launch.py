@@ -23,6 +23,9 @@ from xlstm_megatron.ops.mlstm.triton.kernels_forward import mlstm_fwd_out_kernel
 MIN_TILE = 16  # tl.dot needs every block dimension >= 16; smaller chunks / heads are masked inside a 16 tile
 FIXED_TILE_CAP = 64  # largest tile without autotuning (tests lower it to exercise several tiles per chunk / head)
 FIXED_OPTIONS = {"num_warps": 4, "num_stages": 3}  # triton's default stages, stated: the resource test compiles them
+# fp32 inputs run IEEE (FMA) dots, whose operands stay in registers: 64-wide tiles spill up to 1.2 KB per thread at
+# the 7B heads (4 warps; 80 B at 8 warps), 32-wide ones none
+FIXED_TILE_CAP_FP32 = 32
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -95,7 +98,7 @@ _KERNELS = {
 
 
 def _fixed_tiles(meta: dict) -> dict:
-    cap = FIXED_TILE_CAP
+    cap = min(FIXED_TILE_CAP, FIXED_TILE_CAP_FP32) if meta["IEEE"] else FIXED_TILE_CAP
     return {"BL": _tile(meta["L"], cap), "BK": _tile(meta["DQK"], cap), "BV": _tile(meta["DV"], cap)}
 
 
@@ -108,9 +111,10 @@ def candidate_configs(name: str, meta: dict, autotune: bool) -> list[dict]:
             for c in _clip_configs(tuned.configs, meta)]
 
 
-def max_dqk_tiles(DQK: int, autotune: bool) -> int:
+def max_dqk_tiles(meta: dict, autotune: bool) -> int:
     """Most DQK tiles any candidate of the dq / dk kernels splits DQK into (buffers of per-tile partial sums)."""
-    return max(triton.cdiv(DQK, c["BK"]) for c in candidate_configs("bwd_dq", {"L": 1, "DQK": DQK, "DV": 1}, autotune))
+    return max(triton.cdiv(meta["DQK"], c["BK"]) for name in ("bwd_dq", "bwd_dk")
+               for c in candidate_configs(name, meta, autotune))
 
 
 GRID_YZ_MAX = 65535  # CUDA's limit on grid dimensions y and z

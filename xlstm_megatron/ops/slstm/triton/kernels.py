@@ -14,7 +14,8 @@ Before the next step every program of the group must have stored its columns:
 - not SYNC with P == 1: one program does every column block; a CTA barrier per step orders its own stores and loads.
 - not SYNC with P > 1: the caller launches one step per kernel (T1 = T0 + 1); the launch boundary is the barrier.
   (Also how the interpreter, which runs programs one after another, tests the split.)
-Values written by other programs are read with `.cg` loads (L2, not a possibly stale L1 line).
+Values written by other programs are read with `.cg` loads (L2, not a possibly stale L1 line); the SYNC variant is
+compiled without software pipelining, whose asynchronous copies would go through L1 (see launch.py).
 
 All math is fp32 with IEEE dots (the torch path's fp32 semantics). `first_zero_ptr` holds all(n0 == 0) over the
 whole initial state: the official "m = ĩ" branch, possible at t = 0 only.

@@ -26,7 +26,10 @@ BATCH_TILE = 16  # tl.dot needs blocks >= 16: batch rows of one program (padded)
 BLOCK_K = 32  # reduction tile over the head dim
 BLOCK_N = 16  # output columns (per gate) a program finishes per inner pass: small, so that many programs share a head
 NUM_WARPS = 4
-NUM_STAGES = 2
+# Software pipelining turns the tile loads into cp.async.ca copies, cached in L1, which ignore the `.cg` that keeps
+# another SM's stores of the previous step visible: the grid-barrier kernels are not pipelined. Without the barrier
+# every cross-program read is separated by a kernel launch (L1 does not outlive it) or stays in one program.
+NUM_STAGES = {False: 2, True: 1}
 LOOP_MAX_DH = 128  # up to this head size one program per (head, batch tile) runs the whole sequence
 GRID_YZ_MAX = 65535  # CUDA's limit on grid dimensions y and z
 INT32_MAX = 2**31 - 1
@@ -80,16 +83,19 @@ def _capacity(kernel, args: tuple, meta: dict, device: torch.device) -> int:
         if key in _capacity_cache:
             return _capacity_cache[key]
     compiled = kernel.warmup(*args, grid=(1,), **meta)
-    compiled._init_handles()  # loads the binary: fills n_regs
+    init = getattr(compiled, "_init_handles", None)  # loads the binary, which fills n_regs (triton 3.x)
+    if init is not None:
+        init()
+    n_regs = getattr(compiled, "n_regs", None) or 255  # unknown: assume the most a thread can have
     props = torch.cuda.get_device_properties(device)
-    cap = resident_programs(props, compiled.metadata.shared, compiled.n_regs, compiled.metadata.num_warps)
+    cap = resident_programs(props, compiled.metadata.shared, n_regs, compiled.metadata.num_warps)
     with _capacity_lock:
         _capacity_cache[key] = cap
     return cap
 
 
 def _meta(sync: bool, exp_forget: bool) -> dict:
-    meta = {**CONFIGS[sync], "EXP_FORGET": exp_forget, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    meta = {**CONFIGS[sync], "EXP_FORGET": exp_forget, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES[sync]}
     if sync and COOPERATIVE:  # the driver refuses (instead of deadlocking) a grid that cannot be co-resident
         meta["launch_cooperative_grid"] = True
     return meta
@@ -134,11 +140,11 @@ def run(kernel, make_args: Callable[[int, int, torch.Tensor], tuple], sizes: tup
     where no barrier counter is used."""
     bsz, seq, nh, dh = sizes
     check_sizes(bsz, seq, nh, dh)
+    if seq == 0:
+        return Plan(1, "loop")
     device = placeholder.device
     p = plan(kernel, make_args(0, seq, placeholder), bsz, nh, dh, exp_forget, device)
     grid = (p.programs, nh, triton.cdiv(bsz, BATCH_TILE))
-    if seq == 0:
-        return p
     if p.mode == "steps":
         meta = _meta(False, exp_forget)
         for t in reversed(range(seq)) if reverse else range(seq):
