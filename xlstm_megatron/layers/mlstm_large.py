@@ -25,7 +25,6 @@ from xlstm_megatron.layers.parallel_utils import (
 )
 from xlstm_megatron.layers.recurrent_context import mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 from xlstm_megatron.ops.softcap import soft_cap
 
@@ -117,7 +116,7 @@ class MLSTMLargeMixer(HeadParallelMixer):
         f = soft_cap(f + self.fgate_bias, cfg.gate_soft_cap).permute(1, 2, 0)
         q, k, v = heads(q, self.qk_head_dim), heads(k, self.qk_head_dim), heads(v, self.v_head_dim)
         if context is None:
-            out = self.run_cell(self.recompute_cell, self._cell, q, k, v, i, f)  # [B, h, S, DV]
+            out = self.run_cell(self.recompute_cell, self.mlstm_cell, q, k, v, i, f)  # [B, h, S, DV]
         else:
             out, state = mlstm_with_state(
                 q, k, v, i, f, context.get(self.layer_number), chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps
@@ -126,14 +125,6 @@ class MLSTMLargeMixer(HeadParallelMixer):
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps)  # [S, B, h, DV]
         out = out.reshape(S, B, h * self.v_head_dim) * torch.sigmoid(o)
         return self.out_proj(out)
-
-    def _cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
-              ) -> torch.Tensor:
-        cfg: XLSTMConfig = self.config
-        return mlstm_chunkwise_kernel(
-            q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
-            eps=cfg.mlstm_eps,
-        )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         return mixer_sharded_state_dict(

@@ -33,7 +33,6 @@ from xlstm_megatron.layers.parallel_utils import (
 from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
-from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 from xlstm_megatron.ops.norms import head_norm
 
 
@@ -140,7 +139,7 @@ class MLSTMV1Mixer(HeadParallelMixer):
             return t.reshape(S, B, h, self.head_dim).permute(1, 2, 0, 3)
 
         if context is None:
-            out = self.run_cell(self.recompute_cell, self._cell, heads(q), heads(k), heads(v), i, f)
+            out = self.run_cell(self.recompute_cell, self.mlstm_cell, heads(q), heads(k), heads(v), i, f)
         else:
             out, cell_state = mlstm_with_state(
                 heads(q), heads(k), heads(v), i, f, None if state is None else state[1:],
@@ -150,14 +149,6 @@ class MLSTMV1Mixer(HeadParallelMixer):
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0)
         out = out.reshape(S, B, self.local_inner) + self.learnable_skip * x_c
         return self.out_proj(out * F.silu(z))
-
-    def _cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
-              ) -> torch.Tensor:
-        cfg: XLSTMConfig = self.config
-        return mlstm_chunkwise_kernel(
-            q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
-            eps=cfg.mlstm_eps,
-        )
 
     def _gate_preactivations(self, qkv_local: torch.Tensor) -> torch.Tensor:
         """[S, B, 3*local_inner] (this rank's q | k | v channels) -> [S, B, local heads, 2] gate pre-activations."""

@@ -65,6 +65,17 @@ class HeadParallelMixer(MegatronModule):
     def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
         return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
 
+    def mlstm_cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
+                   ) -> torch.Tensor:
+        """The chunkwise mLSTM cell with this config's kernel, chunk, backward semantics and eps (both mLSTM mixers)."""
+        from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
+
+        cfg = self.config
+        return mlstm_chunkwise_kernel(
+            q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
+            eps=cfg.mlstm_eps,
+        )
+
     def run_cell(self, recompute: bool, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)`, under Megatron's activation checkpoint when `recompute` (the mixer's selective-recompute
         flag) is on and a backward will follow: only `args` are kept, `fn`'s activations are recomputed in backward
