@@ -28,8 +28,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed${extra:+-$extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-    echo "[bootstrap] installing xlstm-megatron${extra:+[$extra]} into .venv (first run: a few minutes)"
+    echo "[bootstrap] installing xlstm-megatron${extra:+[$extra]} into .venv (first run: 1-3 minutes)"
     # constraints.txt pins the versions CI tested, so a later install gets the same torch / megatron-core / ...
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra:+[$extra]}"
+    # uv (from PyPI) unpacks the ~6 GB of torch + CUDA wheels in parallel: about 1 min where pip takes 2-3. uv does
+    # not read pip.conf, so where it cannot reach an index (a mirror configured for pip only) pip installs instead.
+    target=(-c constraints.txt -e ".${extra:+[$extra]}")
+    if ! { .venv/bin/python -m pip install -q uv >/dev/null 2>&1 &&
+           VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install -q --compile-bytecode "${target[@]}"; }; then
+        .venv/bin/python -m pip install -q "${target[@]}"
+    fi
     touch "$stamp"
 fi

@@ -30,6 +30,7 @@ from xlstm_megatron.layers.parallel_utils import (
 )
 from xlstm_megatron.layers.recurrent_context import conv_with_state, recurrent_context_of
 from xlstm_megatron.ops.conv import causal_conv1d
+from xlstm_megatron.ops.headwise import headwise_linear
 from xlstm_megatron.ops.init import normal_init_method, slstm_forget_gate_bias, small_init_std
 from xlstm_megatron.ops.kernels import slstm_kernel
 from xlstm_megatron.ops.norms import head_norm
@@ -112,9 +113,9 @@ class SLSTMMixer(HeadParallelMixer):
         cfg: XLSTMConfig = self.config
         B, S = x.shape[:2]
         h, DH = self.local_heads, self.head_dim
-        w = gate_weight.to(x.dtype)
-        wx_if = torch.einsum("bshd,hgod->bshgo", x_c.reshape(B, S, h, DH), w[:, :2])
-        wx_zo = torch.einsum("bshd,hgod->bshgo", x.reshape(B, S, h, DH), w[:, 2:])
+        w = gate_weight.to(x.dtype)  # [h, gate (i, f, z, o), DH out, DH in]
+        wx_if = headwise_linear(x_c, w[:, :2].flatten(1, 2)).reshape(B, S, h, 2, DH)
+        wx_zo = headwise_linear(x, w[:, 2:].flatten(1, 2)).reshape(B, S, h, 2, DH)
         y, state = slstm_kernel(
             torch.cat([wx_if, wx_zo], dim=3), recurrent_weight, bias, kernel=cfg.slstm_kernel,
             forget_gate=cfg.slstm_forget_gate, initial_state=initial_state,
