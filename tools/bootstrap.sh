@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     # not read pip.conf, so where it cannot reach an index (a mirror configured for pip only) pip installs instead.
     target=(-c constraints.txt -e ".${extra:+[$extra]}")
     if ! { .venv/bin/python -m pip install -q uv >/dev/null 2>&1 &&
-           VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install -q --compile-bytecode "${target[@]}"; }; then
+           VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install -q "${target[@]}"; }; then
         .venv/bin/python -m pip install -q "${target[@]}"
     fi
     touch "$stamp"
