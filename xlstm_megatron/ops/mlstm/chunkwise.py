@@ -19,8 +19,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from xlstm_megatron.ops.mlstm.chunkwise_backward import chunkwise_backward
-from xlstm_megatron.ops.mlstm.chunkwise_forward import ChunkGates, chunk_gates, chunkwise_forward
-from xlstm_megatron.ops.mlstm.common import MLSTMState, check_shapes, compute_dtype, normaliser_floor
+from xlstm_megatron.ops.mlstm.chunkwise_forward import chunk_gates, chunkwise_forward
+from xlstm_megatron.ops.mlstm.common import (
+    MLSTMState,
+    check_doc_starts,
+    check_shapes,
+    compute_dtype,
+    normaliser_floor,
+)
 
 
 def _chunked(x: Tensor, num_chunks: int, chunk: int, dtype: torch.dtype, fill: float) -> Tensor:
@@ -51,13 +57,23 @@ def _chunk_inputs(q, k, v, i, f, chunk_size: int, dtype: torch.dtype) -> tuple[T
     return qc, kc, vc, ic, lfc
 
 
+def _chunk_starts(doc_starts: Tensor | None, num_heads: int, chunk_size: int) -> Tensor | None:
+    """(B, S) document starts -> (B * NH, NC, L) like the chunked inputs; padding tokens start nothing."""
+    if doc_starts is None:
+        return None
+    B, S = doc_starts.shape
+    L = min(chunk_size, S)
+    expanded = doc_starts[:, None].expand(B, num_heads, S)
+    return _chunked(expanded, -(-S // L), L, torch.bool, False)
+
+
 class _MLSTMChunkwise(torch.autograd.Function):
-    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), chunk_size, eps, exact.
+    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), doc_starts (or None), chunk_size, eps, exact.
     Outputs h, final C, n, m. Saves the inputs, C/n before every chunk and at the end, den = q.n per row
     (and h for the exact semantics)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, exact: bool):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, doc_starts, chunk_size: int, eps: float, exact: bool):
         B, NH, _, DQK = q.shape
         BH, DV = B * NH, v.shape[-1]
         dt = compute_dtype(q, k, v, i, f, C0, n0, m0)
@@ -67,10 +83,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         else:
             C0_, n0_, m0_ = C0.to(dt).reshape(BH, DQK, DV), n0.to(dt).reshape(BH, DQK), m0.to(dt).reshape(BH)
 
-        gates = chunk_gates(ic, lfc, m0_)
+        gates = chunk_gates(ic, lfc, m0_, _chunk_starts(doc_starts, NH, chunk_size))
         h, den, states = chunkwise_forward(qc, kc, vc, gates, C0_, n0_, eps)
 
-        ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, *states, den, h if exact else None)
+        ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, doc_starts, *states, den, h if exact else None)
         ctx.meta = (chunk_size, eps, exact)
         ctx.set_materialize_grads(False)
         C_S, n_S, m_S = states[2].view(B, NH, DQK, DV), states[3].view(B, NH, DQK), gates.M[:, -1].reshape(B, NH)
@@ -81,7 +97,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dh, dC_S, dn_S, dm_S):
-        q, k, v, i, f, C0, n0, m0, C_start, n_start, C_final, n_final, den, h = ctx.saved_tensors
+        q, k, v, i, f, C0, n0, m0, doc_starts, C_start, n_start, C_final, n_final, den, h = ctx.saved_tensors
         chunk_size, eps, exact = ctx.meta
         BH, dt = C_final.shape[0], C_final.dtype
         qc, kc, vc, ic, lfc = _chunk_inputs(q, k, v, i, f, chunk_size, dt)
@@ -93,9 +109,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         with torch.enable_grad():  # the exact semantics routes the stabiliser gradient through the max graph
             if exact:
                 ic, lfc, m0_ = (t.detach().requires_grad_() for t in (ic, lfc, m0_))
-            gates_graph = chunk_gates(ic, lfc, m0_)
+            gates_graph = chunk_gates(ic, lfc, m0_, _chunk_starts(doc_starts, q.shape[1], chunk_size))
             m_rows_graph, m_final_graph = gates_graph.m, gates_graph.M[:, -1]
-        gates = ChunkGates(*(t.detach() for t in (gates_graph.u, gates_graph.x, gates_graph.m, gates_graph.M)))
+        gates = gates_graph.detached()
 
         floor = normaliser_floor(gates.m)
         normaliser = torch.maximum(den.abs(), floor) + eps
@@ -134,7 +150,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
                 None if dm0 is None else dm0.reshape(m0.shape).to(m0.dtype),
             )
         grads_seq = (_unchunked(dq, q), _unchunked(dk, k), _unchunked(dv, v), _unchunked(di, i), df.to(f.dtype))
-        return (*grads_seq, *grads_state, None, None, None)
+        return (*grads_seq, *grads_state, None, None, None, None)
 
 
 def mlstm_chunkwise(
@@ -149,6 +165,7 @@ def mlstm_chunkwise(
     return_final_state: bool = False,
     backward: Literal["exact", "constant"] = "exact",
     eps: float = 1e-6,
+    doc_starts: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, MLSTMState]:
     """mLSTM over a sequence in chunks of `chunk_size`: batched L x L work inside chunks, a scan over chunk states.
 
@@ -157,8 +174,12 @@ def mlstm_chunkwise(
     dtype, and with `return_final_state` also the state after the last token (fp32, fp64 for fp64 inputs).
     Row stabiliser m_t equals the recurrent one, so chunkwise and `mlstm_recurrent` agree including the eps term;
     `mlstm_parallel` has no m_0 term and differs by O(eps) where all input gates are small.
+    doc_starts: optional bool (B, S), true at each document's first token (packed sequences): the state is reset to
+    the empty state there, as in `mlstm_recurrent` (values and both gradient semantics equal per-document runs);
+    `initial_state` feeds the first document unless position 0 is marked.
     """
     check_shapes(q, k, v, i, f)
+    check_doc_starts(doc_starts, (q.shape[0], q.shape[2]))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if q.shape[2] < 1:
@@ -166,5 +187,6 @@ def mlstm_chunkwise(
     if backward not in ("exact", "constant"):
         raise ValueError(f"backward must be 'exact' or 'constant', got {backward!r}")
     C0, n0, m0 = (None, None, None) if initial_state is None else initial_state
-    h, C, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, backward == "exact")
+    exact = backward == "exact"
+    h, C, n, m = _MLSTMChunkwise.apply(q, k, v, i, f, C0, n0, m0, doc_starts, chunk_size, eps, exact)
     return (h, (C, n, m)) if return_final_state else h

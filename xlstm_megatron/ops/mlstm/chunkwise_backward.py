@@ -8,12 +8,35 @@ Gate gradients use that, with all stabilisers fixed, every term carries the log 
 (B = global cumulative log sigmoid(f)); hence d i_j = k_j . dk_j and
 d log sigmoid(f_t) = sum_{l >= t} (q_l . dq_l - k_l . dk_l) + <dC_S, C_S> + <dn_S, n_S>,
 the last two terms for gradients flowing into the final state (which carries B_S).
+With packed documents B restarts at every start: the sum over l stops at the end of t's document, the final-state
+terms reach only the tokens after the last start, and a start token's own log f gets 0 (it multiplies the empty state).
 """
 
 import torch
 from torch import Tensor
 
 from xlstm_megatron.ops.mlstm.chunkwise_forward import ChunkGates
+from xlstm_megatron.ops.mlstm.common import segmented_scan
+
+
+def _forget_gate_grad(db: Tensor, final_terms: list[Tensor], starts: Tensor | None) -> Tensor:
+    """d log sigmoid(f_t) (BH, S') from db = q.dq - k.dk per token (BH, S') and the final-state terms
+    <dC_S, C_S>, <dn_S, n_S> (each (BH,)).
+
+    Without starts: reverse cumsum over the sequence plus the final-state terms everywhere. With starts: the reverse
+    sum restarts at each document end, the final-state terms stop at the last start and start tokens get exactly 0.
+    """
+    if starts is None:
+        dlog_f = db.flip(-1).cumsum(-1).flip(-1)
+        for term in final_terms:
+            dlog_f.add_(term[:, None])
+        return dlog_f
+    ends = torch.cat([starts[:, 1:], starts.new_zeros(starts.shape[0], 1)], dim=-1)
+    dlog_f = segmented_scan(db.flip(-1), ends.flip(-1), torch.add, 0.0).flip(-1)
+    after_last_start = starts.flip(-1).cumsum(-1).flip(-1) == 0
+    for term in final_terms:
+        dlog_f = dlog_f + term[:, None] * after_last_start
+    return dlog_f.masked_fill_(starts, 0.0)
 
 
 def chunkwise_backward(
@@ -74,9 +97,9 @@ def chunkwise_backward(
 
     di = (k * dk).sum(-1)
     db = ((q * dq).sum(-1) - di).view(BH, NC * L)
-    dlog_f = db.flip(-1).cumsum(-1).flip(-1)
-    if dC_final is not None:
-        dlog_f.add_((dC_final * C_final).sum((-2, -1))[:, None])
+    final_terms = [] if dC_final is None else [(dC_final * C_final).sum((-2, -1))]
     if dn_final is not None:
-        dlog_f.add_((dn_final * n_final).sum(-1)[:, None])
+        final_terms.append((dn_final * n_final).sum(-1))
+    starts = None if gates.starts is None else gates.starts.reshape(BH, NC * L)
+    dlog_f = _forget_gate_grad(db, final_terms, starts)
     return dq, dk, dv, di, dlog_f, dC0, dn0 if has_n else None

@@ -6,6 +6,14 @@ Gates, per chunk: b_j = cumulative log sigmoid(f) inside the chunk, u_j = i_j - 
 b_L + u_j. All stabilisers follow from x_i = max(M_{c-1}, max_{j<=i} u_j):
   m_i = b_i + x_i (row stabiliser, equal to the recurrent m_t), M_c = b_L + x_L (state stabiliser),
 so every stabilised exponent is a difference `u_j - x_i` or `M_{c-1} - x_i`, which is <= 0 in exact float arithmetic.
+
+Packed documents (`starts`, true at each document's first token): a chunk splits into segments at its starts, segment
+0 continuing the chunk-start state. b restarts at each start (it includes log f of the start token itself), so
+b_i - b_j is only ever formed inside a segment and no -inf enters the bookkeeping. A later segment begins from the
+empty state of a fresh start, whose stabiliser is 0: x_i = max(0, max_{j<=i in segment} u_j), giving
+m_start = max(log f_start, i_start) as the recurrent form from m_0 = 0. Pairs across segments, the chunk-start state
+in rows past a start, sources before the last segment in the chunk-end state and the carry over a chunk containing a
+start all get weight exactly 0 (their exponents are masked to -inf before exp).
 """
 
 import math
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from xlstm_megatron.ops.mlstm.common import normaliser_floor
+from xlstm_megatron.ops.mlstm.common import normaliser_floor, segmented_scan
 
 
 @dataclass
@@ -25,33 +33,52 @@ class ChunkGates:
     x: Tensor  # (BH, NC, L) m_i - b_i
     m: Tensor  # (BH, NC, L) row stabiliser
     M: Tensor  # (BH, NC + 1) state stabiliser: M[:, 0] = m0, M[:, c + 1] after chunk c
+    starts: Tensor | None = None  # (BH, NC, L) bool document starts (packed sequences), None: no resets
+    seg: Tensor | None = None  # (BH, NC, L) segment index inside the chunk: cumulative count of starts
+
+    def detached(self) -> "ChunkGates":
+        return ChunkGates(self.u.detach(), self.x.detach(), self.m.detach(), self.M.detach(), self.starts, self.seg)
 
     def decay(self, scale: float) -> Tensor:
-        """(BH, NC, L, L): scale * exp(b_i - b_j + i_j - m_i) for j <= i, else 0."""
+        """(BH, NC, L, L): scale * exp(b_i - b_j + i_j - m_i) for j <= i in the same segment, else 0."""
         L = self.u.shape[-1]
         log_d = (self.u[..., None, :] + math.log(scale)) - self.x[..., :, None]
-        causal = torch.ones(L, L, dtype=torch.bool, device=self.u.device).tril()
-        return log_d.masked_fill_(~causal, float("-inf")).exp_()
+        hidden = ~torch.ones(L, L, dtype=torch.bool, device=self.u.device).tril()
+        if self.seg is not None:
+            hidden = hidden | (self.seg[..., :, None] != self.seg[..., None, :])
+        return log_d.masked_fill_(hidden, float("-inf")).exp_()
 
     def read(self, scale: float) -> Tensor:
         """(BH, NC, L): scale * exp(b_i + M_{c-1} - m_i), weight of the chunk-start state in row i."""
-        return torch.exp(self.M[:, :-1, None] - self.x) * scale
+        log_w = self.M[:, :-1, None] - self.x
+        if self.seg is not None:
+            log_w = log_w.masked_fill(self.seg > 0, float("-inf"))
+        return torch.exp(log_w) * scale
 
     def write(self) -> Tensor:
         """(BH, NC, L): exp(b_L - b_j + i_j - M_c), weight of source j in the chunk-end state."""
-        return torch.exp(self.u - self.x[..., -1:])
+        log_w = self.u - self.x[..., -1:]
+        if self.seg is not None:
+            log_w = log_w.masked_fill(self.seg != self.seg[..., -1:], float("-inf"))
+        return torch.exp(log_w)
 
     def carry(self) -> Tensor:
         """(BH, NC): exp(b_L + M_{c-1} - M_c), decay of the chunk-start state into the chunk-end state."""
-        return torch.exp(self.M[:, :-1] - self.x[..., -1])
+        log_w = self.M[:, :-1] - self.x[..., -1]
+        if self.seg is not None:
+            log_w = log_w.masked_fill(self.seg[..., -1] > 0, float("-inf"))
+        return torch.exp(log_w)
 
 
-def chunk_gates(i: Tensor, log_f: Tensor, m0: Tensor) -> ChunkGates:
-    """i, log_f (BH, NC, L) input-gate pre-activations and log sigmoid(f); m0 (BH,) initial stabiliser.
+def chunk_gates(i: Tensor, log_f: Tensor, m0: Tensor, starts: Tensor | None = None) -> ChunkGates:
+    """i, log_f (BH, NC, L) input-gate pre-activations and log sigmoid(f); m0 (BH,) initial stabiliser; starts
+    (BH, NC, L) bool document starts or None.
 
     Differentiable (the exact backward routes the stabiliser gradient through it). Padding positions must carry
-    log_f = 0 and i = -inf: they then change neither the states nor any real row.
+    log_f = 0 and i = -inf (and no start): they then change neither the states nor any real row.
     """
+    if starts is not None:
+        return _segmented_chunk_gates(i, log_f, m0, starts)
     b = log_f.cumsum(-1)
     u = i - b
     u_cummax = u.cummax(-1).values
@@ -62,6 +89,23 @@ def chunk_gates(i: Tensor, log_f: Tensor, m0: Tensor) -> ChunkGates:
     M = torch.stack(Ms, dim=1)
     x = torch.maximum(M[:, :-1, None], u_cummax)
     return ChunkGates(u=u, x=x, m=b + x, M=M)
+
+
+def _segmented_chunk_gates(i: Tensor, log_f: Tensor, m0: Tensor, starts: Tensor) -> ChunkGates:
+    """`chunk_gates` with the recurrence restarted at every start (module docstring): segment-local b and running
+    max of u, and the previous stabiliser 0 (a fresh start's m_0) instead of M_{c-1} past a start."""
+    seg = starts.cumsum(-1)
+    b = segmented_scan(log_f, starts, torch.add, 0.0)
+    u = i - b
+    u_cummax = segmented_scan(u, starts, torch.maximum, float("-inf"))
+    g, u_max, continues = b[..., -1], u_cummax[..., -1], seg[..., -1] == 0
+    Ms = [m0]
+    for c in range(u.shape[1]):
+        prev = torch.where(continues[:, c], Ms[-1], 0.0)
+        Ms.append(g[:, c] + torch.maximum(prev, u_max[:, c]))
+    M = torch.stack(Ms, dim=1)
+    x = torch.maximum(torch.where(seg == 0, M[:, :-1, None], 0.0), u_cummax)
+    return ChunkGates(u=u, x=x, m=b + x, M=M, starts=starts, seg=seg)
 
 
 def chunkwise_states(

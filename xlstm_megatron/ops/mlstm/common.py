@@ -1,6 +1,7 @@
-"""Shared pieces of the mLSTM cell forms: state type, compute dtype, input checks."""
+"""Shared pieces of the mLSTM cell forms: state type, compute dtype, input checks, document-reset helpers."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,6 +27,35 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor) -> None:
         raise ValueError(
             f"inconsistent shapes: q {tuple(q.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, f {tuple(f.shape)}"
         )
+
+
+def check_doc_starts(doc_starts: Tensor | None, batch_seq: tuple[int, ...]) -> None:
+    """`doc_starts` is None or a bool tensor of shape `batch_seq` ((B, S); (B,) for the step form)."""
+    if doc_starts is None:
+        return
+    if doc_starts.dtype != torch.bool or tuple(doc_starts.shape) != tuple(batch_seq):
+        raise ValueError(
+            f"doc_starts must be a bool tensor of shape {tuple(batch_seq)}, got {doc_starts.dtype} "
+            f"{tuple(doc_starts.shape)}"
+        )
+
+
+def segmented_scan(x: Tensor, starts: Tensor, op: Callable[[Tensor, Tensor], Tensor], identity: float) -> Tensor:
+    """Inclusive scan of `op` (torch.add, torch.maximum) along the last dim, restarting wherever `starts` is true.
+
+    Hillis-Steele: log2(L) steps of "combine with the value d to the left unless my window already reaches a start".
+    The combined windows are disjoint, so a max routes its gradient to one argmax (ties split, as torch.maximum).
+    Differentiable; out-of-range neighbours are `identity`, so no -inf - -inf ever occurs.
+    """
+    closed = starts
+    d, L = 1, x.shape[-1]
+    while d < L:
+        left = torch.cat([x.new_full((*x.shape[:-1], d), identity), x[..., :-d]], dim=-1)
+        left_closed = torch.cat([closed.new_ones((*closed.shape[:-1], d)), closed[..., :-d]], dim=-1)
+        x = torch.where(closed, x, op(x, left))
+        closed = closed | left_closed
+        d *= 2
+    return x
 
 
 def zero_state(q: Tensor, v: Tensor, dtype: torch.dtype) -> MLSTMState:

@@ -19,11 +19,17 @@ The ``all(n == 0)`` branch of the official code is evaluated at the first step o
 (n >= 0): after a step n_new = f n + i where f = 1 or i = 1 (whichever exponent is the max), so every element with
 n > 0 keeps n > 0, and after an all-zero step n = 1 everywhere; all(n == 0) can only hold at t = 0. Likewise
 ``min(., 1)`` can only clip at t = 0: afterwards both exponents are <= 0 by construction of m_new.
+
+Packed documents (``doc_starts``): a document start is a per-row first step. At the steps where some row starts a
+document (found with one host sync), the previous y, c, n, m of those rows read as 0, m_new = ĩ there and min(., 1)
+clips; the backward zeroes the matching gradient paths into the previous state. Other steps run unchanged.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from xlstm_megatron.ops.mlstm.common import check_doc_starts
 
 from .common import NUM_GATES, SOFTPLUS_THRESHOLD, ForgetGate, SLSTMState, check_inputs, compute_dtype, zero_state
 
@@ -44,7 +50,13 @@ def _max_select_factor(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _backward_coefficients(
-    pre: Tensor, ys: Tensor, cn: Tensor, ms: Tensor, exp_forget: bool, first_is_all_zero: Tensor | None
+    pre: Tensor,
+    ys: Tensor,
+    cn: Tensor,
+    ms: Tensor,
+    exp_forget: bool,
+    first_is_all_zero: Tensor | None,
+    fresh: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Per-element factors of the backward step for a chunk of T steps (inputs: pre (T, ...), states (T + 1, ...)).
 
@@ -54,7 +66,8 @@ def _backward_coefficients(
         dL/dz̃ = g_c * k_z,  dL/dõ = g_y * k_o
         dL/d(n, c) of step t - 1 = (g_n, g_c) * f
     The coefficients carry the chain rule through i, f = min(exp(. - m_new), 1) and m_new = max(ĩ, a) (ĩ at an
-    all-zero first step, when ``first_is_all_zero`` is given) with autograd's tie conventions.
+    all-zero first step, when ``first_is_all_zero`` is given) with autograd's tie conventions. ``fresh`` (T, 1, B, 1)
+    marks document starts: there the previous (c, n) are 0, m_new = ĩ and nothing flows back into step t - 1's state.
     """
     z_raw, o_raw, f_raw, i_raw, a = pre.unbind(dim=3)
     m_new = ms[1:]
@@ -64,9 +77,12 @@ def _backward_coefficients(
     p_i = _max_select_factor(i_raw, a)
     if first_is_all_zero is not None:
         p_i[0] = torch.where(first_is_all_zero, torch.ones_like(p_i[0]), p_i[0])
+    c_prev, n_prev = cn[:-1].unbind(dim=3)
+    if fresh is not None:
+        p_i = p_i.masked_fill_(fresh, 1.0)
+        c_prev, n_prev = c_prev.masked_fill(fresh, 0.0), n_prev.masked_fill(fresh, 0.0)
     p_a = 1.0 - p_i
     zt = torch.tanh(z_raw)
-    c_prev, n_prev = cn[:-1].unbind(dim=3)
     # dL/d(ĩ - m_new) = d_i (zt g_c + g_n), dL/d(a - m_new) = d_f (c g_c + n g_n); their negated sum plus g_m is
     # dL/dm_new, shared out as p_i to ĩ and p_a to a.
     u_c, u_n, w_c, w_n = d_i * zt, d_i, d_f * c_prev, d_f * n_prev
@@ -82,13 +98,15 @@ def _backward_coefficients(
     k_z = e_i.clamp_max(1.0) * (1.0 - zt * zt)
     k_o = y_new * (1.0 - og)
     f = e_f.clamp_max(1.0).unsqueeze(3)
+    if fresh is not None:
+        f = f.masked_fill_(fresh.unsqueeze(3), 0.0)
     return coef_c, coef_n, coef_m, dy_dnc, k_z, k_o, f
 
 
 class _SLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wx: Tensor, r: Tensor, b: Tensor, y0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor,
-                exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                exp_forget: bool, doc_starts: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         bsz, seq, nh, _, dh = wx.shape
         cd = compute_dtype(wx.dtype)
         dev = wx.device
@@ -105,7 +123,10 @@ class _SLSTMFunction(torch.autograd.Function):
             cn[0, :, :, 0] = c0.transpose(0, 1)
             cn[0, :, :, 1] = n0.transpose(0, 1)
             ms[0] = m0.transpose(0, 1)
+            fresh, reset_steps = _document_starts(doc_starts)
             first_is_all_zero = torch.all(n0 == 0.0)  # a tensor: no host sync
+            if 0 in reset_steps:  # as the reference: the test sees the reset rows' n as 0
+                first_is_all_zero = torch.all((n0 == 0.0) | doc_starts[:, 0, None, None])
             i_f = torch.empty(nh, bsz, 2, dh, dtype=cd, device=dev)  # (i, f)
             zt_one = torch.ones(nh, bsz, 2, dh, dtype=cd, device=dev)  # (tanh z̃, 1): c and n updated by one op
 
@@ -117,23 +138,30 @@ class _SLSTMFunction(torch.autograd.Function):
             c_t, n_t = cn[:, :, :, 0].unbind(0), cn[:, :, :, 1].unbind(0)
             i_gate, f_gate, zt = i_f[:, :, 0:1], i_f[:, :, 1:2], zt_one[:, :, 0]
             for t in range(seq):
-                gates[t].baddbmm_(ys_t[t], r_int)
+                reset = t in reset_steps
+                y_prev, cn_prev, m_prev = ys_t[t], cn_t[t], ms_t[t]
+                if reset:  # rows starting a document continue from the zero state
+                    y_prev, m_prev = y_prev.masked_fill(fresh[t], 0.0), m_prev.masked_fill(fresh[t], 0.0)
+                    cn_prev = cn_prev.masked_fill(fresh[t, :, :, None], 0.0)
+                gates[t].baddbmm_(y_prev, r_int)
                 if exp_forget:
-                    torch.add(ms_t[t], f_raw[t], out=a[t])
+                    torch.add(m_prev, f_raw[t], out=a[t])
                 else:  # a = m + log σ(f̃) = m - softplus(-f̃), as common.log_sigmoid
-                    torch.sub(ms_t[t], F.softplus(-f_raw[t], threshold=SOFTPLUS_THRESHOLD), out=a[t])
+                    torch.sub(m_prev, F.softplus(-f_raw[t], threshold=SOFTPLUS_THRESHOLD), out=a[t])
                 m_new = torch.amax(i_a[t], dim=2, out=ms_t[t + 1])
                 if t == 0:
                     torch.where(first_is_all_zero, i_raw[0], m_new, out=m_new)
+                if reset:
+                    torch.where(fresh[t], i_raw[t], m_new, out=m_new)
                 torch.sub(i_a[t], ms_u[t + 1], out=i_f).exp_()
-                if t == 0:
+                if t == 0 or reset:
                     i_f.clamp_max_(1.0)
                 torch.tanh(z_raw[t], out=zt)
-                torch.mul(cn_t[t], f_gate, out=cn_t[t + 1]).addcmul_(zt_one, i_gate)
+                torch.mul(cn_prev, f_gate, out=cn_t[t + 1]).addcmul_(zt_one, i_gate)
                 torch.sigmoid(o_raw[t], out=ys_t[t + 1]).mul_(c_t[t + 1]).div_(n_t[t + 1])
 
-            ctx.save_for_backward(pre, ys, cn, ms, r_int, first_is_all_zero)
-            ctx.exp_forget = exp_forget
+            ctx.save_for_backward(pre, ys, cn, ms, r_int, first_is_all_zero, fresh)
+            ctx.exp_forget, ctx.reset_steps = exp_forget, reset_steps
             ctx.dtypes = (wx.dtype, r.dtype, b.dtype, y0.dtype, c0.dtype, n0.dtype, m0.dtype)
             y = ys[1:].permute(2, 0, 1, 3).to(dtype=wx.dtype, memory_format=torch.contiguous_format)
             final = (ys[seq], cn[seq, :, :, 0], cn[seq, :, :, 1], ms[seq])
@@ -142,7 +170,8 @@ class _SLSTMFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_y: Tensor, g_y_last: Tensor, g_c_last: Tensor, g_n_last: Tensor, g_m_last: Tensor):
-        pre, ys, cn, ms, r_int, first_is_all_zero = ctx.saved_tensors
+        pre, ys, cn, ms, r_int, first_is_all_zero, fresh = ctx.saved_tensors
+        reset_steps = ctx.reset_steps
         seq, nh, bsz, _, dh = pre.shape
         cd, dev = pre.dtype, pre.device
         with torch.autocast(device_type=dev.type, enabled=False):
@@ -163,12 +192,15 @@ class _SLSTMFunction(torch.autograd.Function):
                 stop = min(start + chunk, seq)
                 coefs = _backward_coefficients(pre[start:stop], ys[start:stop + 1], cn[start:stop + 1],
                                                ms[start:stop + 1], ctx.exp_forget,
-                                               first_is_all_zero if start == 0 else None)
+                                               first_is_all_zero if start == 0 else None,
+                                               None if fresh is None else fresh[start:stop])
                 coef_c, coef_n, coef_m, dy_dnc, k_z, k_o, f = (x.unbind(0) for x in coefs)
                 for t in reversed(range(start, stop)):
                     k = t - start
                     if t == seq - 1:
                         torch.add(g_y[t], g_y_last.to(cd).transpose(0, 1), out=g_y_t)
+                    elif t + 1 in reset_steps:  # y_t reaches step t + 1 only in rows that do not restart there
+                        torch.add(g_y[t], torch.bmm(g_gates[t + 1], r_t).masked_fill_(fresh[t + 1], 0.0), out=g_y_t)
                     else:
                         torch.baddbmm(g_y[t], g_gates[t + 1], r_t, out=g_y_t)
                     torch.addcmul(carry, g_y_t_u, dy_dnc[k], out=g_nc)
@@ -179,6 +211,8 @@ class _SLSTMFunction(torch.autograd.Function):
                     torch.mul(g_y_t, k_o[k], out=g_o[t])
                     torch.mul(g_nc, f[k], out=carry)
             g_y_prev = torch.bmm(g_gates[0], r_t) if seq > 0 else g_y_last.to(cd).transpose(0, 1)
+            if 0 in reset_steps:
+                g_y_prev.masked_fill_(fresh[0], 0.0)
 
             need = ctx.needs_input_grad
             dt_wx, dt_r, dt_b, dt_y, dt_c, dt_n, dt_m = ctx.dtypes
@@ -190,7 +224,8 @@ class _SLSTMFunction(torch.autograd.Function):
                     g_wx[:, :, :, gate].copy_(g_pre[:, :, :, slot].permute(2, 0, 1, 3))
             g_r = None
             if need[1]:
-                g_r = torch.einsum("tkbd,tkbge->kdge", ys[:-1], g_gates_all)[:, :, _INTERNAL_TO_GATES].to(dt_r)
+                y_prev = ys[:-1] if fresh is None else ys[:-1].masked_fill(fresh, 0.0)
+                g_r = torch.einsum("tkbd,tkbge->kdge", y_prev, g_gates_all)[:, :, _INTERNAL_TO_GATES].to(dt_r)
             g_b = g_gates_all.sum(dim=(0, 2))[:, _INTERNAL_TO_GATES].to(dt_b) if need[2] else None
             g_state = (
                 g_y_prev.transpose(0, 1).to(dt_y) if need[3] else None,
@@ -198,7 +233,15 @@ class _SLSTMFunction(torch.autograd.Function):
                 carry[:, :, 0].transpose(0, 1).to(dt_n) if need[5] else None,
                 g_m.squeeze(2).transpose(0, 1).to(dt_m) if need[6] else None,
             )
-        return g_wx, g_r, g_b, *g_state, None
+        return g_wx, g_r, g_b, *g_state, None, None
+
+
+def _document_starts(doc_starts: Tensor | None) -> tuple[Tensor | None, frozenset[int]]:
+    """(B, S) bool -> the time-major mask (S, 1, B, 1) and the steps where some row starts a document (one sync)."""
+    if doc_starts is None:
+        return None, frozenset()
+    steps = frozenset(doc_starts.any(dim=0).nonzero().flatten().tolist())
+    return doc_starts.transpose(0, 1)[:, None, :, None].contiguous(), steps
 
 
 def slstm(
@@ -208,6 +251,7 @@ def slstm(
     *,
     initial_state: SLSTMState | None = None,
     forget_gate: ForgetGate = "sigmoid",
+    doc_starts: Tensor | None = None,
 ) -> tuple[Tensor, SLSTMState]:
     """Fast sLSTM over a sequence (same contract and math as ``slstm_reference``).
 
@@ -217,14 +261,17 @@ def slstm(
         b: (NH, 4, DH) gate biases.
         initial_state: (y, c, n, m), each (B, NH, DH); zeros if None. Must be a valid state (n >= 0).
         forget_gate: "sigmoid" (official v1, log f = log σ(f̃)) or "exp" (paper variant, log f = f̃).
+        doc_starts: optional bool (B, S), true at each document's first token: the state restarts from zero there
+            (``initial_state`` feeds the first document unless position 0 is marked).
 
     Returns:
         y: (B, S, NH, DH) in wx.dtype, and the final state (y, c, n, m) in fp32 (fp64 for fp64 inputs).
         Differentiable w.r.t. wx, r, b and the initial state (first order only).
     """
-    bsz, _, nh, dh = check_inputs(wx, r, b, initial_state, forget_gate)
+    bsz, seq, nh, dh = check_inputs(wx, r, b, initial_state, forget_gate)
+    check_doc_starts(doc_starts, (bsz, seq))
     cd = compute_dtype(wx.dtype)
     if initial_state is None:
         initial_state = zero_state(bsz, nh, dh, cd, wx.device)
-    y, *final = _SLSTMFunction.apply(wx, r, b, *initial_state, forget_gate == "exp")
+    y, *final = _SLSTMFunction.apply(wx, r, b, *initial_state, forget_gate == "exp", doc_starts)
     return y, tuple(final)  # type: ignore[return-value]

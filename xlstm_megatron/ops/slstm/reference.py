@@ -18,10 +18,16 @@ its round-off differ. We follow the vanilla backend.
 vanilla backend's ``torch.minimum(torch.exp(x), 1)`` (including half the gradient at the tie x == 0), except that it
 avoids 0 * inf = NaN in the backward when exp(x) overflows (x > ~88 in fp32, possible at an all-zero first step with
 huge pre-activations), where the vanilla backend returns NaN gradients.
+
+Packed documents (``doc_starts``, true at each document's first token): before such a token the row's y, c, n, m are
+set to 0 and its m_new = ĩ, i.e. the first-step branch of a fresh start, per row; each document then equals its own
+run from the zero state (outputs, final state and gradients).
 """
 
 import torch
 from torch import Tensor
+
+from xlstm_megatron.ops.mlstm.common import check_doc_starts
 
 from .common import ForgetGate, SLSTMState, check_inputs, compute_dtype, log_sigmoid, zero_state
 
@@ -33,6 +39,7 @@ def slstm_reference(
     *,
     initial_state: SLSTMState | None = None,
     forget_gate: ForgetGate = "sigmoid",
+    doc_starts: Tensor | None = None,
 ) -> tuple[Tensor, SLSTMState]:
     """sLSTM over a sequence, one step at a time, differentiable by autograd.
 
@@ -42,11 +49,14 @@ def slstm_reference(
         b: (NH, 4, DH) gate biases.
         initial_state: (y, c, n, m), each (B, NH, DH); zeros if None.
         forget_gate: "sigmoid" (official v1) or "exp" (paper variant, log f = f̃).
+        doc_starts: optional bool (B, S), true at each document's first token: the state restarts from zero there.
+            ``initial_state`` feeds the first document unless position 0 is marked.
 
     Returns:
         y: (B, S, NH, DH) in wx.dtype, and the final state (y, c, n, m) in fp32 (fp64 for fp64 inputs).
     """
     bsz, seq, nh, dh = check_inputs(wx, r, b, initial_state, forget_gate)
+    check_doc_starts(doc_starts, (bsz, seq))
     cd = compute_dtype(wx.dtype)
     with torch.autocast(device_type=wx.device.type, enabled=False):
         if initial_state is None:
@@ -56,11 +66,16 @@ def slstm_reference(
         zero = torch.zeros((), dtype=cd, device=wx.device)
         ys = []
         for t in range(seq):
+            fresh = None if doc_starts is None else doc_starts[:, t, None, None]  # (B, 1, 1)
+            if fresh is not None:
+                y, c, n, m = (torch.where(fresh, zero, s) for s in (y, c, n, m))
             raw = wx[:, t].to(cd) + torch.einsum("bhd,hdge->bhge", y, r_c) + b_c
             i_raw, f_raw, z_raw, o_raw = raw.unbind(dim=2)
             log_f = log_sigmoid(f_raw) if forget_gate == "sigmoid" else f_raw
             log_f_plus_m = m + log_f
             m_new = i_raw if bool(torch.all(n == 0.0)) else torch.maximum(i_raw, log_f_plus_m)
+            if fresh is not None:
+                m_new = torch.where(fresh, i_raw, m_new)
             i = torch.exp(torch.minimum(i_raw - m_new, zero))
             f = torch.exp(torch.minimum(log_f_plus_m - m_new, zero))
             c = f * c + i * torch.tanh(z_raw)
