@@ -19,7 +19,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from xlstm_megatron.ops.init import normal_init_method, small_init_std, wang_init_std
 
 BlockFamily = Literal["large", "v1"]
-LAYER_SYMBOLS = {"m": "mLSTM", "s": "sLSTM", "*": "attention"}
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -89,7 +88,8 @@ class XLSTMConfig(TransformerConfig):
     """'large': the xLSTM-7B block (mLSTM mixer + SwiGLU MLP in every layer). 'v1': the NeurIPS 2024 blocks."""
 
     xlstm_pattern: str | None = None
-    """One symbol per layer: 'm' mLSTM, 's' sLSTM (v1 only), '*' attention. None: all mLSTM."""
+    """One symbol per layer: 'm' mLSTM, 's' sLSTM (v1 only), '*' attention, 'M' Mamba (needs mamba_ssm); the table
+    is `xlstm_megatron.layers.kinds`. None: all mLSTM."""
 
     slstm_num_heads: int | None = None
     """sLSTM heads (v1); None: num_attention_heads."""
@@ -201,6 +201,9 @@ class XLSTMConfig(TransformerConfig):
 
     # ---- validation ---------------------------------------------------------------------------------------------
     def validate_xlstm(self) -> None:
+        # the kinds' modules import this one, hence the late import
+        from xlstm_megatron.layers.kinds import validate_kinds, validate_pattern
+
         tp = self.tensor_model_parallel_size
         heads = self.num_attention_heads
         pattern = self.layer_pattern
@@ -208,19 +211,10 @@ class XLSTMConfig(TransformerConfig):
             raise ValueError(
                 f"xlstm_pattern has {len(pattern)} symbols but num_layers={self.num_layers}; give one symbol per layer"
             )
-        unknown = sorted(set(pattern) - set(LAYER_SYMBOLS))
-        if unknown:
-            raise ValueError(f"xlstm_pattern has unknown symbols {unknown}; use {dict(LAYER_SYMBOLS)}")
-        if self.xlstm_block == "large" and "s" in pattern:
-            raise ValueError("sLSTM layers ('s') exist only in the v1 family; set xlstm_block='v1' or drop them")
+        validate_pattern(self)
         if heads % tp:
             raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
-        if "s" in pattern:
-            sh = self.slstm_heads
-            if sh % tp:
-                raise ValueError(f"slstm_num_heads={sh} is not divisible by tensor_model_parallel_size={tp}")
-            if self.hidden_size % sh:
-                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by slstm_num_heads={sh}")
+        validate_kinds(self)
         if self.xlstm_block == "large":
             for name, explicit, factor in (("mlstm_qk", self.mlstm_qk_dim, self.mlstm_qk_dim_factor),
                                            ("mlstm_v", self.mlstm_v_dim, self.mlstm_v_dim_factor)):
@@ -272,34 +266,25 @@ class XLSTMConfig(TransformerConfig):
         if ours and self.recompute_granularity != "selective":
             raise ValueError(f"recompute_modules {ours} act only with recompute_granularity='selective' "
                              f"(it is {self.recompute_granularity!r}); set --recompute-granularity selective")
-        if "mlstm_cell" in ours and "m" not in self.layer_pattern:
-            raise ValueError("recompute_modules has 'mlstm_cell' but xlstm_pattern has no mLSTM layer ('m'); drop it")
-        if "slstm_cell" in ours and "s" not in self.layer_pattern:
-            raise ValueError("recompute_modules has 'slstm_cell' but xlstm_pattern has no sLSTM layer ('s'); drop it")
+        from xlstm_megatron.layers.kinds import LAYER_KINDS, pattern_kinds
+
+        present = {k.recompute_module for k in pattern_kinds(self)}
+        for module in ours:
+            if module not in present:
+                kind = next(k for k in LAYER_KINDS if k.recompute_module == module)
+                raise ValueError(f"recompute_modules has {module!r} but xlstm_pattern has no {kind.name} layer "
+                                 f"({kind.symbol!r}); drop it")
 
     def recomputes(self, module: str) -> bool:
         """Whether selective recompute of `module` (an XLSTM_RECOMPUTE_MODULES name) is on."""
         return self.recompute_granularity == "selective" and module in (self.recompute_modules or [])
 
     def fp8_gemm_shapes(self) -> dict[str, tuple[int, int]]:
-        """(rows, columns) on one TP rank of every weight that runs as an FP8 GEMM (the TE linears of the xLSTM
-        layers; the cells, norms, v1's block-diagonal q/k/v and gate projections and the sLSTM stay in bf16)."""
-        tp, E, ff = self.tensor_model_parallel_size, self.hidden_size, self.ffn_hidden_size
-        shapes: dict[str, tuple[int, int]] = {}
-        pattern = self.layer_pattern
-        if "m" in pattern and self.xlstm_block == "large":
-            nh = self.num_attention_heads // tp
-            qk, v = self.mlstm_qk_width // self.num_attention_heads, self.mlstm_v_width // self.num_attention_heads
-            shapes["mLSTM in_proj"] = (nh * (2 * qk + 2 * v + 2), E)
-            shapes["mLSTM out_proj"] = (E, nh * v)
-        elif "m" in pattern:
-            inner = self.mlstm_inner_size // tp
-            shapes["mLSTM in_proj"] = (2 * inner, E)
-            shapes["mLSTM out_proj"] = (E, inner)
-        if self.xlstm_block == "large" or "s" in pattern:
-            shapes["MLP linear_fc1"] = (2 * ff // tp, E)
-            shapes["MLP linear_fc2"] = (E, ff // tp)
-        return shapes
+        """(rows, columns) on one TP rank of every weight that runs as an FP8 GEMM (the TE linears of the pattern's
+        layer kinds; the cells, norms, v1's block-diagonal q/k/v and gate projections and the sLSTM stay in bf16)."""
+        from xlstm_megatron.layers.kinds import fp8_gemm_shapes
+
+        return fp8_gemm_shapes(self)
 
     def validate_fp8(self) -> None:
         """FP8 runs in Transformer Engine's linears, whose FP8 GEMMs need weight rows divisible by 8 and columns by 16
