@@ -1,4 +1,4 @@
-"""`xlstm-megatron`: the console command (train, preprocess, generate, convert, study)."""
+"""`xlstm-megatron`: the console command (train, preprocess, generate, evaluate, lm-eval, convert, study)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ commands:
   train       train an xLSTM with Megatron's pretrain() (YAML and/or Megatron flags; torchrun, srun, or --nproc N)
   preprocess  jsonl / text files -> Megatron indexed dataset (.bin/.idx)
   generate    continue a prompt from a checkpoint with constant-memory recurrent decoding
+  evaluate    loss / perplexity per token position beyond the training length (CSV + plot)
+  lm-eval     lm-evaluation-harness tasks on a checkpoint (pip install 'xlstm-megatron[eval]')
   convert     Hugging Face xLSTM <-> Megatron dist checkpoint; official `xlstm` v1 -> Megatron
   study       scaling studies: run a grid of families x sizes x budgets x LRs, collect a CSV, fit scaling laws
 
@@ -47,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         from xlstm_megatron.inference.cli import generate_main
 
         return generate_main(rest)
+    if command == "evaluate":
+        from xlstm_megatron.inference.evaluate_cli import evaluate_main
+
+        return evaluate_main(rest)
+    if command == "lm-eval":
+        from xlstm_megatron.inference.lm_eval_cli import lm_eval_main
+
+        return lm_eval_main(rest)
     if command == "study":
         from xlstm_megatron.inference.sample import sample_text
         from xlstm_megatron.studies.cli import study_main
