@@ -43,7 +43,26 @@ def enable_pretrain_fixes() -> None:
 
     _replace_everywhere(init, "_compile_dependencies", compile_dependencies)
     _fix_distributed_optimizer_load()
+    _fix_fsdp2_optimizer_state_matching()
     _ACTIVE = True
+
+
+def _fix_fsdp2_optimizer_state_matching() -> None:
+    """Checkpoints of torch-FSDP2 runs: megatron-core matches each optimizer state to its model entry by
+    `id(to_local_if_dtensor(param))` against `id(entry.data)`, where the model entries hold `DTensor._local_tensor`.
+    With torch 2.14 `DTensor.to_local()` returns a new view object per call, so nothing matches and the save stops
+    at "Param id 0 does not match any model sharded param". Give the optimizer-state mapping the local tensor itself
+    (the same storage and values; what those entries hold)."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer_io = importlib.import_module("megatron.core.dist_checkpointing.optimizer")
+    original = optimizer_io.to_local_if_dtensor
+
+    @functools.wraps(original)
+    def to_local_if_dtensor(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor._local_tensor if isinstance(tensor, DTensor) else original(tensor)
+
+    optimizer_io.to_local_if_dtensor = to_local_if_dtensor
 
 
 def _fix_distributed_optimizer_load() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -125,9 +125,15 @@ def mixer_sharded_state_dict(
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     own: dict = {}
     module._save_to_state_dict(own, "", keep_vars=True)
+    fsdp2 = {name: t for name, t in own.items() if _fsdp2_dp_sharded(t)}
     sharded = make_sharded_tensors_for_checkpoint(
-        own, prefix, local_param_axes, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+        {n: t for n, t in own.items() if n not in fsdp2}, prefix, local_param_axes, sharded_offsets,
+        tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"],
     )
+    for name, param in fsdp2.items():
+        sharded[f"{prefix}{name}"] = _fsdp2_sharded_tensor(
+            f"{prefix}{name}", param, local_param_axes.get(name), tp_group, sharded_offsets
+        )
     for name, child in module.named_children():
         sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group))
     for key, (sections, names) in (fused_splits or {}).items():
@@ -138,6 +144,41 @@ def mixer_sharded_state_dict(
             continue
         sharded[f"{prefix}{key}"] = _split_tensor_factory(sharded[f"{prefix}{key}"], sections, names, 0)
     return sharded
+
+
+def _fsdp2_sharded_tensor(
+    key: str, param: torch.Tensor, tp_axis: int | None, tp_group: torch.distributed.ProcessGroup | None,
+    prepend_offsets: tuple,
+) -> ShardedTensor:
+    """The checkpoint entry of a torch-FSDP2 parameter of a mixer. FSDP2 splits this TP rank's parameter along dim 0
+    over DP like `torch.chunk`, unevenly where dim 0 does not divide (the mixers' leading dims are small: 3 q/k/v
+    sources, a few heads), which Megatron's helper cannot express (it assumes equal pieces); the entry therefore names
+    its rows explicitly (an irregular grid, which dist-checkpointing hands to torch DCP). The data is the DTensor's
+    own local tensor object: the optimizer state is matched to model entries by identity."""
+    local = param._local_tensor
+    whole = tuple(param.shape)  # the DTensor's global shape = this TP rank's full parameter
+    dp_rank, dp_size = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    rows = -(-whole[0] // dp_size)
+    start = min(dp_rank * rows, whole[0])
+    if local.shape[0] != min(rows, whole[0] - start):
+        raise AssertionError(f"{key}: FSDP2 shard of {local.shape[0]} rows, expected torch.chunk's split of {whole}")
+    tp_rank, tp_size = tp_rank_and_size(tp_group)
+    shape, offset = list(whole), [0] * len(whole)
+    if tp_axis is not None:
+        shape[tp_axis] *= tp_size
+        offset[tp_axis] = tp_rank * whole[tp_axis]
+    offset[0] += start
+    entry = ShardedTensor(
+        key=key, data=local, dtype=local.dtype, local_shape=tuple(local.shape),
+        global_shape=(*(size for _, _, size in prepend_offsets), *shape),
+        global_offset=(*(rank for _, rank, _ in prepend_offsets), *offset),
+        axis_fragmentations=None,  # irregular: validated by DCP
+        replica_id=(0, 0 if tp_axis is not None else tp_rank, 0),  # every FSDP2 shard is a main replica
+        prepend_axis_num=len(prepend_offsets),
+    )
+    entry.validate_metadata_integrity()
+    entry.is_torch_fsdp2_param = True  # Megatron's marker, as its own helper sets it
+    return entry
 
 
 def _fsdp2_dp_sharded(param: torch.Tensor) -> bool:
