@@ -28,3 +28,30 @@ def _prefix_and_suffix_change(block: str, cfg: dict, t: int):
 def test_causal(block, cfg):
     before, after = run_distributed(_prefix_and_suffix_change, world_size=1, args=(block, cfg, 7))[0]
     assert before == 0.0 and after > 1e-3
+
+
+def _mixer_refusals() -> list[str]:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model = build_model(tiny_config("v1", num_layers=2, hidden_size=32, num_attention_heads=2, slstm_num_heads=2,
+                                    xlstm_pattern="ms", mlstm_chunk_size=4), 50, 8)
+    x = torch.zeros(8, 2, 32)
+    cases = [dict(packed_seq_params=PackedSeqParams()), dict(attention_bias=torch.zeros(1)),
+             dict(rotary_pos_emb=torch.zeros(1)), dict(not_an_attention_input=1)]
+    seen = []
+    for layer in model.decoder.layers:
+        mixer = layer.self_attention
+        mixer(x, attention_mask=None, sequence_len_offset=None)  # what a plain causal step passes: accepted
+        for kwargs in cases:
+            with pytest.raises((ValueError, TypeError)) as error:
+                mixer(x, **kwargs)
+            seen.append(str(error.value))
+    return seen
+
+
+def test_mixers_refuse_what_they_cannot_honour():
+    """Packed sequences, attention biases and rotary embeddings would change the result: one line each, never
+    silently ignored (mLSTM and sLSTM mixers)."""
+    seen = run_distributed(_mixer_refusals, world_size=1)[0]
+    assert len(seen) == 8
+    assert sum("packed sequences" in s for s in seen) == 2 and sum("unexpected arguments" in s for s in seen) == 2

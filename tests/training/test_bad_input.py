@@ -103,8 +103,11 @@ NO_MOCK = {k: v for k, v in TRAIN.items() if k != "mock_data"}
     ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
     (MODEL, TRAIN, ("--micro-batch-sizes", "4"), "unrecognized arguments: --micro-batch-sizes 4 (closest: "
      "--micro-batch-sizes -> --micro-batch-size)"),
+    (MODEL, TRAIN, ("--context-parallel-size", "2", "--nproc", "2"), "no context parallelism yet"),
+    (MODEL, {**TRAIN, "reset_attention_mask": True}, (), "do not restart their state at document boundaries"),
 ], ids=["yaml-key", "yaml-key-train", "missing-data", "world-vs-tp", "heads-vs-tp", "slstm-heads-vs-tp",
-        "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag"])
+        "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag", "context-parallel",
+        "packed-documents"])
 def test_bad_config_fails_before_start(capfd, tmp_path, model, train, flags, match):
     assert match in _fails_once(capfd, tmp_path, *_config(tmp_path, model, train), *flags)
 

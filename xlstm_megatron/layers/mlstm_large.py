@@ -98,10 +98,11 @@ class MLSTMLargeMixer(HeadParallelMixer):
             fill_fused_rows(self.in_proj.weight, parts, self.tp_rank, self.tp_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+        self, hidden_states: torch.Tensor, inference_context: object = None, **attention_inputs: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
         `RecurrentInferenceContext`, the cell continues from this layer's stored state and stores the new one."""
+        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, local width]

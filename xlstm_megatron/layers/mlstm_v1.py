@@ -105,10 +105,11 @@ class MLSTMV1Mixer(HeadParallelMixer):
             fill_fused_rows(self.in_proj.weight, [(inner, small), (inner, small)], self.tp_rank, self.tp_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+        self, hidden_states: torch.Tensor, inference_context: object = None, **attention_inputs: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
         `RecurrentInferenceContext`, conv and cell continue from this layer's stored state and store the new one."""
+        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, 2 * local_inner]

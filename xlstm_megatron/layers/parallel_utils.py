@@ -51,6 +51,13 @@ def head_local_parameter(
     return param
 
 
+# What TransformerLayer passes its `self_attention` module besides the hidden states and the inference context.
+_ATTENTION_INPUTS = frozenset({
+    "attention_mask", "rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias",
+    "packed_seq_params", "sequence_len_offset",
+})
+
+
 class HeadParallelMixer(MegatronModule):
     """Base of the xLSTM mixers: their tensor-parallel group, and parameters holding this rank's heads."""
 
@@ -64,6 +71,23 @@ class HeadParallelMixer(MegatronModule):
 
     def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
         return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
+
+    @staticmethod
+    def check_attention_inputs(attention_inputs: dict[str, Any]) -> None:
+        """The mixers sit in Megatron's `self_attention` slot and receive what TransformerLayer passes an attention
+        module. The causal mask and the static-inference offset need nothing (a recurrence is causal, generation
+        uses the recurrent context); what would change the result is refused with one line."""
+        unknown = sorted(set(attention_inputs) - _ATTENTION_INPUTS)
+        if unknown:
+            raise TypeError(f"xLSTM mixer got unexpected arguments {unknown}")
+        if attention_inputs.get("packed_seq_params") is not None:
+            raise ValueError("xLSTM mixers do not take packed sequences (packed_seq_params) yet: their state would run "
+                             "from one document into the next; train without sequence packing")
+        if attention_inputs.get("attention_bias") is not None:
+            raise ValueError("xLSTM mixers have no attention scores to add attention_bias to; drop it")
+        if any(attention_inputs.get(k) is not None for k in ("rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
+                                                             "rotary_pos_cos_sin")):
+            raise ValueError("xLSTM layers use no position embedding; drop --position-embedding-type rope")
 
     def mlstm_cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
                    ) -> torch.Tensor:

@@ -71,11 +71,12 @@ class SLSTMMixer(HeadParallelMixer):
         self.recompute_cell = config.recomputes("slstm_cell")
 
     def forward(
-        self, hidden_states: torch.Tensor, inference_context: object = None, **_: object
+        self, hidden_states: torch.Tensor, inference_context: object = None, **attention_inputs: object
     ) -> tuple[torch.Tensor, None]:
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], None). With a
         `RecurrentInferenceContext`, conv and recurrence continue from this layer's stored state and store the new
         one."""
+        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         if cfg.sequence_parallel and self.tp_size > 1:

@@ -67,6 +67,16 @@ def check_model(args: Namespace) -> None:
     from xlstm_megatron.runs.model import is_transformer, transformer_config_from_args, xlstm_config_from_args
 
     (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)  # either family
+    if is_transformer(args):
+        return
+    # What the xLSTM mixers cannot honour yet would otherwise be silently wrong: each CP rank's sequence part would
+    # start from an empty state, and packed documents would carry state from one document into the next.
+    if getattr(args, "context_parallel_size", 1) > 1:
+        raise ConfigError(f"--context-parallel-size {args.context_parallel_size}: the xLSTM layers have no context "
+                          "parallelism yet (each rank would restart the recurrence); use TP/PP/DP or drop it")
+    if getattr(args, "reset_attention_mask", False):
+        raise ConfigError("--reset-attention-mask: the xLSTM layers do not restart their state at document "
+                          "boundaries yet; drop it (documents then follow each other, separated by EOD)")
 
 
 def check_tokenizer(args: Namespace) -> None:
