@@ -3,9 +3,9 @@
 
 - `--overlap-grad-reduce --overlap-param-gather` with the distributed optimizer logs exactly the losses of the run
   without overlap (DP=2; PP=2 x DP=2 with checkpoints in the slow test);
-- torch FSDP2 (`--use-torch-fsdp2`) trains like DDP, and its checkpoint (the mixers' unevenly sharded parameters
-  included, see `layers.parallel_utils`) holds the weights of the DDP run's; resuming it is not yet possible (torch
-  Adam's per-parameter `step` is lost on load: `KeyError: 'step'`, see patches/README.md);
+- torch FSDP2 (`--use-torch-fsdp2`) trains like DDP, its checkpoint (the mixers' unevenly sharded parameters included,
+  see `layers.parallel_utils`) holds the weights of the DDP run's, and a stopped and resumed FSDP2 run equals the
+  uninterrupted one bitwise (with the compat fixes in patches/README.md, section 8);
 - Megatron-FSDP (`--use-megatron-fsdp`) needs CUDA: skipped here with the reason.
 
 Fresh runs of the same layout start from the same weights, so each comparison is between runs of one layout. Losses
@@ -68,9 +68,14 @@ def test_torch_fsdp2_trains_like_ddp(dp2, fsdp_env):
     assert close(run, dp2, rtol=1e-6), (run, dp2)
 
 
-def test_torch_fsdp2_checkpoint_holds_the_ddp_weights(tmp_path, fsdp_env):
-    train(tmp_path / "fsdp2", "--use-torch-fsdp2", nproc=2)
+def test_torch_fsdp2_checkpoint_holds_the_ddp_weights_and_resumes_exactly(tmp_path, fsdp_env):
+    whole = train(tmp_path / "fsdp2", "--use-torch-fsdp2", nproc=2)
     train(tmp_path / "ddp", nproc=2)
+    train(tmp_path / "resumed", "--use-torch-fsdp2", "--exit-interval", "3", nproc=2)
+    resumed = train(tmp_path / "resumed", "--use-torch-fsdp2", nproc=2)
+    assert resumed == whole  # every logged loss, bitwise
+    torch.testing.assert_close(model_tensors(tmp_path / "resumed" / "iter_0000006"),
+                               model_tensors(tmp_path / "fsdp2" / "iter_0000006"), rtol=0, atol=0)
     fsdp2, ddp = (model_tensors(tmp_path / run / "iter_0000006") for run in ("fsdp2", "ddp"))
     # FSDP2 keeps the fused in_proj rows as one tensor (its DP pieces cut across the parts); every other entry,
     # the mixers' unevenly sharded gate weights and biases included, has the key and the values of DDP's

@@ -44,6 +44,7 @@ def enable_pretrain_fixes() -> None:
     _replace_everywhere(init, "_compile_dependencies", compile_dependencies)
     _fix_distributed_optimizer_load()
     _fix_fsdp2_optimizer_state_matching()
+    _fix_fsdp2_resume_adam_step()
     _ACTIVE = True
 
 
@@ -115,3 +116,49 @@ def pretrain_context() -> Iterator[None]:
     enable_pretrain_shims()
     with megatron_cpu_context():
         yield
+
+
+def _fix_fsdp2_resume_adam_step() -> None:
+    """Resuming torch-FSDP2 runs with torch Adam: for FSDP2 + torch_dist, `pretrain()` loads the checkpoint in place
+    (`skip_load_to_model_and_opt=True`: the model and optimizer tensors are filled directly) and never calls the
+    optimizer's `load_state_dict`, which is where megatron-core puts torch Adam's per-parameter `step` back (it saves
+    one `common_step` among the non-tensor state). The states then hold exp_avg/exp_avg_sq without `step`, and the first
+    step stops on `KeyError: 'step'`. Keep the state dict the load returns and restore each parameter's step from it."""
+    checkpointing = importlib.import_module("megatron.training.checkpointing")
+    training = importlib.import_module("megatron.training.training")
+    original_base, original_load = checkpointing._load_base_checkpoint, training.load_checkpoint
+    loaded: dict[str, Any] = {}
+
+    @functools.wraps(original_base)
+    def load_base_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        result = original_base(*args, **kwargs)
+        loaded["state_dict"] = result[0]
+        return result
+
+    @functools.wraps(original_load)
+    def load_checkpoint(model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded.clear()
+        result = original_load(model, optimizer, *args, **kwargs)
+        if kwargs.get("skip_load_to_model_and_opt") and optimizer is not None and loaded.get("state_dict"):
+            _restore_common_step(optimizer, loaded["state_dict"].get("optimizer"))
+        loaded.clear()
+        return result
+
+    checkpointing._load_base_checkpoint = load_base_checkpoint
+    training.load_checkpoint = load_checkpoint
+
+
+def _restore_common_step(optimizer: Any, saved: Any) -> None:
+    """Give every parameter state without `step` the saved `common_step` (a tensor of its own, as torch Adam keeps)."""
+    if not isinstance(saved, dict):
+        return
+    saved_states = [saved] if "state" in saved else [saved[k] for k in sorted(saved) if isinstance(saved[k], dict)]
+    megatron_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    for megatron_opt, saved_opt in zip(megatron_optimizers, saved_states, strict=False):
+        step = saved_opt.get("state", {}).get("common_step")
+        torch_opt = getattr(megatron_opt, "optimizer", None)
+        if step is None or torch_opt is None:
+            continue
+        for state in torch_opt.state.values():
+            if state and "step" not in state:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
