@@ -129,7 +129,7 @@ def measure(plan: dict[str, Any], warmup: int, reps: int) -> list[dict[str, Any]
     rows = []
     for layer, (family, symbol, cell) in LAYERS.items():
         has_mlp = family == "large" or symbol == "s"
-        base_ms = None
+        steps, saved = {}, {}
         for mode, flags in modes(cell, has_mlp).items():
             model_parallel_manual_seed(1234)
             cfg = make_xlstm_config(family, num_layers=L, hidden_size=E, num_attention_heads=NH,
@@ -138,18 +138,24 @@ def measure(plan: dict[str, Any], warmup: int, reps: int) -> list[dict[str, Any]
             model = XLSTMModel(cfg, vocab_size=V, max_sequence_length=S).train()
 
             def step(model: torch.nn.Module = model) -> int:
-                loss, saved = decoder_saved_bytes(model, tokens, labels)
+                loss, kept = decoder_saved_bytes(model, tokens, labels)
                 loss.mean().backward()
-                return saved
+                return kept
 
-            saved = step()
-            times = device_times_ms(step, warmup, reps, "cpu")
-            ms = statistics.median(times)
-            base_ms = base_ms or ms
-            per_layer = saved / L
+            steps[mode], saved[mode] = step, step()
+        # the modes take turns, repetition by repetition: this machine's speed drifts by tens of percent over
+        # seconds, and timing one mode after the other turned that drift into ratios below 1
+        times: dict[str, list[float]] = {mode: [] for mode in steps}
+        for _ in range(warmup + reps):
+            for mode, step in steps.items():
+                times[mode].extend(device_times_ms(step, 0, 1, "cpu"))
+        base_ms = statistics.median(times["none"][warmup:])
+        for mode in steps:
+            ms = statistics.median(times[mode][warmup:])
+            per_layer = saved[mode] / L
             rows.append(dict(layer=layer, mode=mode, saved_bytes_per_layer=int(per_layer),
                              saved_bytes_per_token_per_layer=round(per_layer / (B * S), 1),
-                             fwd_bwd_ms=round(ms, 2), time_ratio=round(ms / base_ms, 3), times_ms=times))
+                             fwd_bwd_ms=round(ms, 2), time_ratio=round(ms / base_ms, 3), times_ms=times[mode][warmup:]))
             print(f"{layer:12s} {mode:36s} {per_layer / 2**20:8.2f} MiB/layer  {ms:8.1f} ms  x{ms / base_ms:.2f}",
                   flush=True)
     return rows
@@ -167,7 +173,7 @@ def main() -> None:
         warmup, reps = 0, 1
     else:
         plan = dict(batch=2, seq=256, hidden=256, heads=4, layers=2, vocab=512, chunk=64)
-        warmup, reps = 1, 2
+        warmup, reps = 3, 9  # ~1 min on 2 idle cores; fewer repetitions gave ratios below 1
     _init_single_rank()
     result = {"bench": "recompute_cpu", "env": run_env(), "plan": plan, "dtype": "float32",
               "note": "saved bytes: distinct storages autograd keeps for backward inside the decoder's layers "
