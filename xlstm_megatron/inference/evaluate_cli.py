@@ -67,48 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace):
-    """The checkpoint of either family laid out for inference (loading.py's CheckpointSource)."""
-    from xlstm_megatron.inference.loading import CheckpointSource, generation_args, resolve_checkpoint
-    from xlstm_megatron.runs.checkpoint import resolve_checkpoint_dir, saved_args
-    from xlstm_megatron.runs.errors import ConfigError
-    from xlstm_megatron.runs.model import is_transformer, transformer_config_from_args
+    """The checkpoint of either family laid out for inference."""
+    from xlstm_megatron.inference.loading import resolve_checkpoint
 
-    path = resolve_checkpoint_dir(args.load, args.iteration)
-    saved = saved_args(path)
-    if not is_transformer(saved):
-        return resolve_checkpoint(path, None, args.tensor_model_parallel_size, args.seed)
-    # loading.resolve_checkpoint checks an xLSTM config; the baseline's own config checks stand in for it here
-    source = CheckpointSource(generation_args(saved, args.tensor_model_parallel_size), path)
-    source.args.seed = args.seed
-    transformer_config_from_args(source.args)
-    if source.vocab_size % source.tensor_model_parallel_size:
-        raise ConfigError(f"the checkpoint's vocab {source.vocab_size} does not split over "
-                          f"TP={source.tensor_model_parallel_size}; use another TP")
-    return source
+    return resolve_checkpoint(args.load, args.iteration, args.tensor_model_parallel_size, args.seed)
 
 
 def _load(source):
-    """The model of `source`: loading.load_model for an xLSTM; the same steps (runs.model's builder, runs.checkpoint's
-    weights reader) for the baseline, whose config loading.load_model does not build."""
-    import torch
-
     from xlstm_megatron.inference.loading import load_model
-    from xlstm_megatron.runs.checkpoint import load_model_weights
-    from xlstm_megatron.runs.model import build_xlstm_model, is_transformer, transformer_config_from_args
 
-    if not is_transformer(source.args):
-        return load_model(source)
-    config = transformer_config_from_args(source.args)
-    model: torch.nn.Module = build_xlstm_model(source.args, config)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if source.args.bf16 or source.args.fp16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)
-    with torch.no_grad():
-        load_model_weights([model], source.path)
-    return model.eval()
+    return load_model(source)
 
 
 def _documents(args: argparse.Namespace, saved) -> list[np.ndarray]:

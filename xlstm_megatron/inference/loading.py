@@ -35,6 +35,13 @@ class CheckpointSource:
         return int(self.args.tensor_model_parallel_size)
 
 
+def _layer_config(args: Namespace):
+    """The layer config of either family: an XLSTMConfig, or the Transformer baseline's TransformerConfig."""
+    from xlstm_megatron.runs.model import is_transformer, transformer_config_from_args, xlstm_config_from_args
+
+    return (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)
+
+
 def generation_args(saved: Namespace, tensor_parallel: int | None = None) -> Namespace:
     """Saved args laid out for generation on this machine: TP as asked (default the run's), PP 1, no sequence
     parallel; without CUDA, the kernels that need it fall back to torch (the weights are the same)."""
@@ -53,13 +60,12 @@ def resolve_checkpoint(load: str | Path, iteration: int | None = None, tensor_pa
     """Find the checkpoint and read its saved args; raises ConfigError (one line, with the fix) for a missing or
     foreign directory and for a TP the model cannot be split over."""
     from xlstm_megatron.runs.checkpoint import resolve_checkpoint_dir, saved_args
-    from xlstm_megatron.runs.model import xlstm_config_from_args
 
     path = resolve_checkpoint_dir(load, iteration)
     args = generation_args(saved_args(path), tensor_parallel)
     if seed is not None:
         args.seed = seed
-    xlstm_config_from_args(args)  # the model's own checks (heads divisible by TP, ...), before any process starts
+    _layer_config(args)  # the model's own checks (heads divisible by TP, ...), before any process starts
     tp, vocab = args.tensor_model_parallel_size, args.padded_vocab_size
     if vocab % tp:
         raise ConfigError(f"the checkpoint's vocab {vocab} does not split over TP={tp}; use another TP")
@@ -72,9 +78,9 @@ def load_model(source: CheckpointSource) -> torch.nn.Module:
     from megatron.core.transformer.module import Float16Module
 
     from xlstm_megatron.runs.checkpoint import load_model_weights
-    from xlstm_megatron.runs.model import build_xlstm_model, xlstm_config_from_args
+    from xlstm_megatron.runs.model import build_xlstm_model
 
-    config = xlstm_config_from_args(source.args)
+    config = _layer_config(source.args)
     model: torch.nn.Module = build_xlstm_model(source.args, config, pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
