@@ -91,3 +91,39 @@ def test_a_point_directory_made_for_other_flags_is_refused(grid, tmp_path):
     with pytest.raises(ConfigError, match="was run with other flags") as e:
         prepare(tmp_path, STUDY, [changed])
     assert "\n" not in str(e.value)
+
+
+def test_pattern_cycle_families_mamba2_and_hybrid(tmp_path):
+    """`pattern_cycle` repeats layer symbols to each point's depth: a Mamba-2 family ('M', counted from the layer
+    registry; it trains where mamba-ssm imports) and an mLSTM/Mamba hybrid, counted like any other family."""
+    import yaml
+
+    from xlstm_megatron.layers.config import make_xlstm_config
+    from xlstm_megatron.models.param_count import count_parameters
+    from xlstm_megatron.training.command import add_runner_args
+
+    mamba = {"mamba_head_dim": 16, "mamba_num_groups": 1, "mamba_state_dim": 16}
+    doc = yaml.safe_load(STUDY.read_text())
+    doc["families"] = {"mamba2": {"xlstm_block": "large", "pattern_cycle": "M", **mamba},
+                       "hybrid": {"xlstm_block": "large", "pattern_cycle": "mM", **mamba}}
+    doc["sizes"], doc["lrs"], doc["budgets"] = [{"num_layers": 3, "hidden_size": 32, "num_attention_heads": 2}], \
+        [1e-3], {"tokens": [1000]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    points = {p.family: p for p in materialise(load_study(path), add_runner_args)}
+    assert points["mamba2"].model["xlstm_pattern"] == "MMM" and points["hybrid"].model["xlstm_pattern"] == "mMm"
+    for p in points.values():
+        config = make_xlstm_config("large", num_layers=3, hidden_size=32, num_attention_heads=2,
+                                   xlstm_pattern=p.model["xlstm_pattern"], **mamba)
+        assert p.params_total == count_parameters(config, 256)
+
+
+def test_pattern_cycle_with_a_ratio_is_refused(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load(STUDY.read_text())
+    doc["families"] = {"bad": {"xlstm_block": "v1", "xlstm_ratio": "3:1", "pattern_cycle": "m"}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="families.bad.pattern_cycle"):
+        load_study(path)

@@ -26,6 +26,12 @@ TRAIN = dict(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=64, seq_
              train_iters=1, lr=1e-3, lr_warmup_iters=0, eval_iters=0, eval_interval=1, log_progress=False)
 
 
+def _have_mamba_ssm() -> bool:
+    from xlstm_megatron.layers.mamba import have_mamba_ssm
+
+    return have_mamba_ssm()
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
@@ -105,9 +111,11 @@ NO_MOCK = {k: v for k, v in TRAIN.items() if k != "mock_data"}
      "--micro-batch-sizes -> --micro-batch-size)"),
     (MODEL, TRAIN, ("--context-parallel-size", "2", "--nproc", "2"), "no context parallelism yet"),
     (MODEL, {**TRAIN, "reset_attention_mask": True}, (), "do not restart their state at document boundaries"),
+    pytest.param({**MODEL, "xlstm_pattern": "mM", "mamba_head_dim": 16, "mamba_num_groups": 1}, TRAIN, (),
+                 "needs mamba_ssm", marks=pytest.mark.skipif(_have_mamba_ssm(), reason="mamba_ssm imports here")),
 ], ids=["yaml-key", "yaml-key-train", "missing-data", "world-vs-tp", "heads-vs-tp", "slstm-heads-vs-tp",
         "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag", "context-parallel",
-        "packed-documents"])
+        "packed-documents", "mamba-without-mamba-ssm"])
 def test_bad_config_fails_before_start(capfd, tmp_path, model, train, flags, match):
     assert match in _fails_once(capfd, tmp_path, *_config(tmp_path, model, train), *flags)
 

@@ -7,6 +7,8 @@ A study file (YAML) declares the grid; every key below the top level is a run-co
     families:                          # name -> model flags of that family
       xlstm_v1: {xlstm_block: v1}
       xlstm_7_1: {xlstm_block: v1, xlstm_ratio: "7:1"}   # study key: sLSTM blocks spread evenly (m:s)
+      mamba2: {xlstm_block: large, pattern_cycle: "M"}     # study key: the pattern repeats these symbols (Mamba-2
+                                                           # where mamba-ssm imports; "mM": a hybrid)
       llama: {model_family: transformer}
     sizes:                             # explicit shapes and/or target parameter counts
       - {num_layers: 2, hidden_size: 64, num_attention_heads: 2}
@@ -46,7 +48,7 @@ ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 TOP_KEYS = ("name", "families", "sizes", "shape", "budgets", "lrs", "train")
 SHAPE_DEFAULTS: dict[str, Any] = dict(count="non_embedding", aspect=32, width_multiple=32, head_dim=32, min_layers=1,
                                       max_layers=48)
-STUDY_FAMILY_KEYS = ("xlstm_ratio",)  # family keys the study resolves per point (not run flags)
+STUDY_FAMILY_KEYS = ("xlstm_ratio", "pattern_cycle")  # family keys the study resolves per point (not run flags)
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads")
 
 
@@ -148,6 +150,10 @@ def load_study(path: str | Path) -> Study:
             raise _fail(path, f"families.{name}", "must be a mapping of model flags ({} for the defaults)")
         if "xlstm_ratio" in flags and not re.fullmatch(r"\d+:\d+", str(flags["xlstm_ratio"])):
             raise _fail(path, f"families.{name}.xlstm_ratio", f"{flags['xlstm_ratio']!r} must read 'm:s', e.g. '7:1'")
+        if "pattern_cycle" in flags and ("xlstm_ratio" in flags or "xlstm_pattern" in flags
+                                         or not str(flags["pattern_cycle"])):
+            raise _fail(path, f"families.{name}.pattern_cycle", "a non-empty string of layer symbols, without "
+                        "xlstm_ratio or xlstm_pattern (each sets the pattern)")
     shape = {**SHAPE_DEFAULTS, **(doc.get("shape") or {})}
     for key in shape:
         if key not in SHAPE_DEFAULTS:
@@ -304,6 +310,9 @@ def _family_flags(family: dict[str, Any], num_layers: int) -> dict[str, Any]:
     flags = {k: v for k, v in family.items() if k not in STUDY_FAMILY_KEYS}
     if "xlstm_ratio" in family:
         flags["xlstm_pattern"] = ratio_pattern(num_layers, str(family["xlstm_ratio"]))
+    if "pattern_cycle" in family:
+        cycle = str(family["pattern_cycle"])
+        flags["xlstm_pattern"] = (cycle * num_layers)[:num_layers]
     return flags
 
 
