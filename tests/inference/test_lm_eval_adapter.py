@@ -23,7 +23,7 @@ from tests.megatron.dist import run_distributed
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (pip install '.[eval]')")
 
-EOD = VOCAB  # NullTokenizer's end-of-document id
+EOD = VOCAB - 1  # NullTokenizer (megatron-core 0.19): VOCAB ids, the last one end-of-document
 SEQ_LENGTH = 16  # the checkpoint's --seq-length: the adapter's default window
 # A 4-item multiple-choice task; the gold labels do not matter (the model is random): the accuracy is compared with
 # the adapter's own choices.

@@ -63,8 +63,8 @@ def _tokenizer_spec(args: argparse.Namespace, saved: argparse.Namespace) -> Toke
         return TokenizerSpec(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
                              merge_file=args.merge_file, eod_token=args.eod_token)
     kind = MEGATRON_TOKENIZER_TYPES.get(saved.tokenizer_type, saved.tokenizer_type)
-    if kind == "NullTokenizer":  # Megatron's: ids 0..vocab_size-1 plus the end-of-document id vocab_size
-        return TokenizerSpec("NullTokenizer", vocab_size=saved.vocab_size + 1)
+    if kind == "NullTokenizer":  # megatron-core 0.19's: vocab_size ids, the last one end-of-document
+        return TokenizerSpec("NullTokenizer", vocab_size=int(saved.vocab_size))
     return TokenizerSpec(kind, tokenizer_model=saved.tokenizer_model, vocab_file=saved.vocab_file,
                          merge_file=saved.merge_file, eod_token=args.eod_token)
 

@@ -80,17 +80,14 @@ def _load(source):
 
 
 def _documents(args: argparse.Namespace, saved) -> list[np.ndarray]:
-    from xlstm_megatron.data.tokenizer import TokenizerSpec, check_tokenizer_matches_model
+    from xlstm_megatron.data.tokenizer import check_tokenizer_matches_model
     from xlstm_megatron.inference.cli import _tokenizer_spec  # the checkpoint's tokenizer, as `generate` reads it
     from xlstm_megatron.inference.eval_data import indexed_documents, jsonl_documents
 
     data = args.data
     if Path(data + ".idx").exists() or Path(data + ".bin").exists():
         return indexed_documents(data)
-    spec = _tokenizer_spec(args, saved)
-    if spec.tokenizer_type == "NullTokenizer":  # megatron-core 0.19's: vocab_size ids, the last one end-of-document
-        spec = TokenizerSpec("NullTokenizer", vocab_size=int(saved.vocab_size))
-    tokenizer = spec.load()
+    tokenizer = _tokenizer_spec(args, saved).load()
     check_tokenizer_matches_model(tokenizer, int(saved.padded_vocab_size))
     return jsonl_documents(data, tokenizer, args.json_key)
 
