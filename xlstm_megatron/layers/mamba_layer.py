@@ -29,7 +29,20 @@ class MambaStackLayer(MambaLayer):
                          pp_layer_offset=offset, name=name)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, context: Tensor | None = None,
-                inference_context: Any = None, packed_seq_params: Any = None, **_: Any) -> tuple[Tensor, Any]:
+                context_mask: Tensor | None = None, rotary_pos_emb: Tensor | None = None,
+                rotary_pos_cos: Tensor | None = None, rotary_pos_sin: Tensor | None = None,
+                rotary_pos_cos_sin: Tensor | None = None, attention_bias: Tensor | None = None,
+                inference_context: Any = None, packed_seq_params: Any = None, sequence_len_offset: Any = None,
+                padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        """TransformerBlock's keywords: the causal mask is what a scan computes anyway and Mamba honours packed
+        sequences itself; what would change the result (position embeddings, attention bias, cross-attention or
+        padding masks) is refused with one line."""
+        given = {"rotary_pos_emb": rotary_pos_emb, "rotary_pos_cos": rotary_pos_cos, "rotary_pos_sin": rotary_pos_sin,
+                 "rotary_pos_cos_sin": rotary_pos_cos_sin, "attention_bias": attention_bias,
+                 "context_mask": context_mask, "padding_mask": padding_mask}
+        refused = sorted(name for name, value in given.items() if value is not None)
+        if refused:
+            raise ValueError(f"the Mamba layer ('M') cannot honour {', '.join(refused)}; drop it for this pattern")
         out = super().forward(hidden_states, attention_mask, inference_context=inference_context,
                               packed_seq_params=packed_seq_params)
         return out, context
