@@ -30,11 +30,15 @@ def _maxdiff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-def _constant_reference(q, k, v, i, f, state, eps):
-    """Recurrent loop with every stabiliser and normaliser detached: autograd gives the "constant" semantics."""
+def _constant_reference(q, k, v, i, f, state, eps, doc_starts=None):
+    """Recurrent loop with every stabiliser and normaliser detached: autograd gives the "constant" semantics. With
+    `doc_starts` (B, S) the state restarts from zero at each marked token (packed documents)."""
     C, n, m = state
     m, s, hs = m.detach(), q.shape[-1] ** -0.5, []
     for t in range(q.shape[2]):
+        if doc_starts is not None:
+            keep = ~doc_starts[:, t, None]
+            C, n, m = C * keep[..., None, None], n * keep[..., None], m * keep
         log_f = F.logsigmoid(f[:, :, t])
         m_new = torch.maximum(log_f + m, i[:, :, t]).detach()
         f_act, i_act = torch.exp(log_f + m - m_new)[..., None], torch.exp(i[:, :, t] - m_new)[..., None]

@@ -8,11 +8,12 @@ boundaries; chunk sizes do and do not divide S.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import xlstm_megatron.ops.slstm.fused_torch as fused_torch
+from tests.ops.test_mlstm_forms import _constant_reference
 from xlstm_megatron.ops.conv import causal_conv1d, causal_conv1d_step
 from xlstm_megatron.ops.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
+from xlstm_megatron.ops.mlstm.common import zero_state
 from xlstm_megatron.ops.slstm import slstm, slstm_reference
 
 F64 = torch.float64
@@ -96,27 +97,6 @@ def _mlstm_loss(h, state, *, with_m: bool):
     return loss + (state[2] * w_m).sum() if with_m else loss
 
 
-def _constant_reference(q, k, v, i, f, doc_starts, eps):
-    """Packed recurrent loop with every stabiliser and normaliser detached (autograd: the "constant" semantics)."""
-    B, NH, _, DQK = q.shape
-    C, n, m = q.new_zeros(B, NH, DQK, v.shape[-1]), q.new_zeros(B, NH, DQK), q.new_zeros(B, NH)
-    s, hs = DQK**-0.5, []
-    for t in range(q.shape[2]):
-        keep = ~doc_starts[:, t, None]
-        C, n, m = C * keep[..., None, None], n * keep[..., None], m * keep
-        log_f = F.logsigmoid(f[:, :, t])
-        m_new = torch.maximum(log_f + m, i[:, :, t]).detach()
-        f_act, i_act = torch.exp(log_f + m - m_new)[..., None], torch.exp(i[:, :, t] - m_new)[..., None]
-        C = f_act[..., None] * C + (i_act * k[:, :, t])[..., :, None] * v[:, :, t, None, :]
-        n = f_act * n + i_act * k[:, :, t]
-        qs = q[:, :, t] * s
-        den = (qs * n).sum(-1, keepdim=True)
-        normaliser = torch.maximum(den.abs(), torch.exp(-m_new)[..., None]).detach()
-        hs.append((qs[..., None, :] @ C).squeeze(-2) / (normaliser + eps))
-        m = m_new
-    return torch.stack(hs, 2), (C, n, m)
-
-
 CHUNKS = [1, 4, 5, 7, 8, 24, 64]  # 4, 8, 24 divide S = 24; 5, 7 do not; 64 > S
 
 
@@ -164,7 +144,8 @@ def test_mlstm_chunkwise_packed_equals_references(chunk, eps):
     g = torch.autograd.grad(_mlstm_loss(h, st, with_m=True), ins)
     assert _maxdiff(g, torch.autograd.grad(_mlstm_loss(h_ref, st_ref, with_m=True), ins)) < TOL
 
-    h_ref, st_ref = _constant_reference(*ins, starts, eps)
+    zero = zero_state(ins[0], ins[2], ins[0].dtype)
+    h_ref, st_ref = _constant_reference(*ins, zero, eps, doc_starts=starts)
     h, st = mlstm_chunkwise(*ins, backward="constant", **kwargs)
     assert _maxdiff([h, *st], [h_ref, *st_ref]) < TOL
     g = torch.autograd.grad(_mlstm_loss(h, st, with_m=False), ins)
