@@ -36,6 +36,13 @@ def have_mamba_ssm() -> bool:
     return bool(mamba_mixer.HAVE_MAMBA_SSM)
 
 
+def require_mamba_ssm() -> None:
+    """Raise one line naming the fix where the Mamba layer cannot be built (counting it works anywhere)."""
+    if not have_mamba_ssm():
+        raise ValueError("the Mamba layer ('M') needs mamba_ssm, which does not import here; install mamba-ssm and "
+                         "causal-conv1d (CUDA builds) or drop 'M' from xlstm_pattern")
+
+
 def mamba_sizes(config: XLSTMConfig) -> tuple[int, int]:
     """(d_inner, heads) as MambaMixer derives them."""
     if config.mamba_num_heads is not None:
@@ -95,9 +102,7 @@ def validate_mamba(config: XLSTMConfig) -> None:
 def mamba_spec(config: XLSTMConfig, use_te: bool) -> ModuleSpec:
     """Megatron's MambaLayer in a TransformerBlock slot. With TE, Large fuses the input norm into in_proj as
     Megatron's hybrid spec does; v1 keeps its own norm in front of a plain TE linear."""
-    if not have_mamba_ssm():
-        raise ValueError("the Mamba layer ('M') needs mamba_ssm, which does not import here; install mamba-ssm and "
-                         "causal-conv1d (CUDA builds) or drop 'M' from xlstm_pattern")
+    require_mamba_ssm()
     from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 

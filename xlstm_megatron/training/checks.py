@@ -69,11 +69,13 @@ def check_model(args: Namespace) -> None:
     (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)  # either family
     if is_transformer(args):
         return
-    from xlstm_megatron.layers.mamba import have_mamba_ssm
+    from xlstm_megatron.layers.mamba import require_mamba_ssm
 
-    if "M" in (args.xlstm_pattern or "") and not have_mamba_ssm():
-        raise ConfigError("the Mamba layer ('M') needs mamba_ssm, which does not import here; install mamba-ssm and "
-                          "causal-conv1d (CUDA builds) or drop 'M' from --xlstm-pattern")
+    if "M" in (args.xlstm_pattern or ""):
+        try:
+            require_mamba_ssm()  # built in every rank otherwise, after start-up
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     # What the xLSTM mixers cannot honour yet would otherwise be silently wrong: each CP rank's sequence part would
     # start from an empty state, and packed documents would carry state from one document into the next.
     if getattr(args, "context_parallel_size", 1) > 1:
