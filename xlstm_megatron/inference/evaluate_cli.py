@@ -66,19 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(args: argparse.Namespace):
-    """The checkpoint of either family laid out for inference."""
-    from xlstm_megatron.inference.loading import resolve_checkpoint
-
-    return resolve_checkpoint(args.load, args.iteration, args.tensor_model_parallel_size, args.seed)
-
-
-def _load(source):
-    from xlstm_megatron.inference.loading import load_model
-
-    return load_model(source)
-
-
 def _documents(args: argparse.Namespace, saved) -> list[np.ndarray]:
     from xlstm_megatron.data.tokenizer import check_tokenizer_matches_model
     from xlstm_megatron.inference.cli import _tokenizer_spec  # the checkpoint's tokenizer, as `generate` reads it
@@ -131,6 +118,7 @@ def _worker(source, job: _Job) -> None:
     import torch
 
     from xlstm_megatron.inference.cli import _logs_to_stderr
+    from xlstm_megatron.inference.loading import load_model
     from xlstm_megatron.inference.position_loss import (
         PositionLoss,
         plot_position_loss,
@@ -141,7 +129,7 @@ def _worker(source, job: _Job) -> None:
 
     _logs_to_stderr()
     env = init_parallel(source.tensor_model_parallel_size, 1, seed=source.args.seed)
-    model = _load(source)
+    model = load_model(source)
     device = next(model.parameters()).device
     windows = torch.from_numpy(job.windows)
     acc = PositionLoss(windows.shape[1] - 1)
@@ -160,6 +148,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from xlstm_megatron.data.errors import DataConfigError
     from xlstm_megatron.inference.cli import _logs_to_stderr
     from xlstm_megatron.inference.eval_data import check_token_range, eval_windows
+    from xlstm_megatron.inference.loading import resolve_checkpoint
     from xlstm_megatron.runs.errors import ConfigError
     from xlstm_megatron.runs.launch import launch_env, run_processes
     from xlstm_megatron.runs.model import is_transformer
@@ -167,7 +156,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     _logs_to_stderr()
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:  # everything that can be checked before a process starts
-        source = _resolve(args)
+        source = resolve_checkpoint(args.load, args.iteration, args.tensor_model_parallel_size, args.seed)
         saved = source.args
         recurrent = not is_transformer(saved) and "*" not in (saved.xlstm_pattern or "m")
         length = _check_lengths(args, int(saved.seq_length), recurrent)
