@@ -26,6 +26,11 @@ _WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized"),
     (UserWarning, r"The argument order of load has been changed"),
 )
+# (category, message regex, module regex): warnings Python raises while compiling Megatron's own source, i.e. on the
+# first import after a fresh install (no .pyc yet): megatron-core 0.19's kv_block_allocator.py docstring has '\-'
+_SOURCE_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (SyntaxWarning, r"invalid escape sequence", r".*[/\\]megatron[/\\]"),
+)
 _CPU_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
 )
@@ -54,6 +59,8 @@ def quiet_known_warnings() -> None:
     entries = _WARNINGS + (() if torch.cuda.is_available() else _CPU_WARNINGS)
     for category, message in entries:
         warnings.filterwarnings("ignore", message=f".*{message}", category=category)
+    for category, message, module in _SOURCE_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}", category=category, module=module)
     by_logger: dict[str, list[str]] = {}
     for name, prefix in _LOG_RECORDS:
         by_logger.setdefault(name, []).append(prefix)
