@@ -32,9 +32,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     # constraints.txt pins the versions CI tested, so a later install gets the same torch / megatron-core / ...
     # uv (from PyPI) unpacks the ~6 GB of torch + CUDA wheels in parallel: about 1 min where pip takes 2-3. uv does
     # not read pip.conf, so where it cannot reach an index (a mirror configured for pip only) pip installs instead.
+    # --compile-bytecode (pip's default, not uv's): with PYTHONDONTWRITEBYTECODE set, as on these machines, every
+    # process would otherwise compile torch and Megatron from source at import (~3x slower starts, every test rank).
     target=(-c constraints.txt -e ".${extra:+[$extra]}")
     if ! { .venv/bin/python -m pip install -q uv >/dev/null 2>&1 &&
-           VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install -q "${target[@]}"; }; then
+           VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install -q --compile-bytecode "${target[@]}"; }; then
         .venv/bin/python -m pip install -q "${target[@]}"
     fi
     touch "$stamp"
