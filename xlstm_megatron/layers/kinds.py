@@ -15,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from xlstm_megatron.layers import costs, kind_specs, mamba
 from xlstm_megatron.layers.config import XLSTMConfig
+from xlstm_megatron.layers.slstm_v1 import SLSTM_NO_CONTEXT_PARALLEL
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class LayerKind:
     """The `recompute_modules` name that checkpoints its cell, if any."""
     validate: Callable[[XLSTMConfig], None] | None = None
     """Extra config checks when the pattern has it (one-line ValueErrors)."""
+    context_parallel_refusal: Callable[[XLSTMConfig], str | None] | None = None
+    """Why it cannot run under context parallelism with this config (None, or a None result: it can)."""
 
 
 LAYER_KINDS: tuple[LayerKind, ...] = (
@@ -46,9 +49,13 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     LayerKind("m", "mLSTM", ("v1",), kind_specs.mlstm_v1_spec, costs.mlstm_v1_layer_parameters,
               costs.mlstm_v1_layer_flops, costs.mlstm_v1_fp8_shapes, "mlstm_layers", "mlstm_cell"),
     LayerKind("s", "sLSTM", ("v1",), kind_specs.slstm_spec, costs.slstm_layer_parameters, costs.slstm_layer_flops,
-              costs.slstm_fp8_shapes, "slstm_layers", "slstm_cell", costs.validate_slstm),
+              costs.slstm_fp8_shapes, "slstm_layers", "slstm_cell", costs.validate_slstm,
+              lambda _: SLSTM_NO_CONTEXT_PARALLEL),
     LayerKind("*", "attention", ("large", "v1"), kind_specs.attention_spec, costs.attention_layer_parameters,
-              costs.attention_layer_flops, costs.attention_fp8_shapes, "attention_layers"),
+              costs.attention_layer_flops, costs.attention_fp8_shapes, "attention_layers",
+              context_parallel_refusal=lambda c: None if c.transformer_impl == "transformer_engine" else (
+                  "attention layers ('*') have context parallelism only in Transformer Engine's attention (Megatron's "
+                  "local one has none); use --transformer-impl transformer_engine or a pattern without '*'")),
     LayerKind("M", "Mamba", ("large", "v1"), mamba.mamba_spec, mamba.mamba_layer_parameters,
               mamba.mamba_layer_flops, mamba.mamba_fp8_shapes, "mamba_layers", validate=mamba.validate_mamba),
 )
@@ -92,6 +99,16 @@ def validate_kinds(config: XLSTMConfig) -> None:
             kind.validate(config)
 
 
+def check_context_parallel(config: XLSTMConfig, cp_size: int) -> None:
+    """One-line ValueError (the reason alone) for the first kind of the pattern that cannot run at `cp_size` > 1."""
+    if cp_size == 1:
+        return
+    for kind in pattern_kinds(config):
+        why = None if kind.context_parallel_refusal is None else kind.context_parallel_refusal(config)
+        if why:
+            raise ValueError(why)
+
+
 def fp8_gemm_shapes(config: XLSTMConfig) -> dict[str, tuple[int, int]]:
     """Union over the pattern's kinds (kinds that share a module, e.g. the MLP, give the same shape)."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -101,6 +118,6 @@ def fp8_gemm_shapes(config: XLSTMConfig) -> dict[str, tuple[int, int]]:
 
 
 __all__ = [
-    "BREAKDOWN_KEYS", "LAYER_KINDS", "LAYER_SYMBOLS", "LayerKind", "fp8_gemm_shapes", "layer_kind", "pattern_kinds",
-    "validate_kinds", "validate_pattern",
+    "BREAKDOWN_KEYS", "LAYER_KINDS", "LAYER_SYMBOLS", "LayerKind", "check_context_parallel", "fp8_gemm_shapes",
+    "layer_kind", "pattern_kinds", "validate_kinds", "validate_pattern",
 ]

@@ -31,7 +31,6 @@ from xlstm_megatron.layers.parallel_utils import (
     mixer_sharded_state_dict,
 )
 from xlstm_megatron.layers.recurrent_context import conv_with_state, mlstm_with_state, recurrent_context_of
-from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.headwise import headwise_linear
 from xlstm_megatron.ops.init import mlstm_forget_gate_bias, normal_init_method, small_init_std
 from xlstm_megatron.ops.norms import head_norm
@@ -118,7 +117,7 @@ class MLSTMV1Mixer(HeadParallelMixer):
         h = self.local_heads
         state = None if context is None else context.get(self.layer_number)
         if context is None:
-            x_conv = causal_conv1d(x_m.transpose(0, 1), self.conv_weight, self.conv_bias)
+            x_conv = self.causal_conv(x_m.transpose(0, 1), self.conv_weight, self.conv_bias)
         else:
             x_conv, conv_state = conv_with_state(
                 x_m.transpose(0, 1), self.conv_weight, self.conv_bias, None if state is None else state[0]

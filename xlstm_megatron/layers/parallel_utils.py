@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,12 @@ def tp_group_of(pg_collection: ProcessGroupCollection | None) -> torch.distribut
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     return pg_collection.tp
+
+
+def cp_group_of(pg_collection: ProcessGroupCollection | None) -> torch.distributed.ProcessGroup | None:
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    return getattr(pg_collection, "cp", None)
 
 
 def tp_rank_and_size(tp_group: torch.distributed.ProcessGroup | None) -> tuple[int, int]:
@@ -59,7 +66,11 @@ _ATTENTION_INPUTS = frozenset({
 
 
 class HeadParallelMixer(MegatronModule):
-    """Base of the xLSTM mixers: their tensor-parallel group, and parameters holding this rank's heads."""
+    """Base of the xLSTM mixers: their tensor- and context-parallel groups, and parameters holding this rank's heads.
+
+    Under context parallelism (CP) the local sequence is this rank's pieces in Megatron's zigzag layout
+    (`ops.context_parallel.cp_pieces`); the mLSTM cell continues each piece from the state the earlier pieces leave
+    (`ops.mlstm.context_parallel`), the v1 conv from their last inputs."""
 
     def __init__(
         self, config: TransformerConfig, layer_number: int, pg_collection: ProcessGroupCollection | None
@@ -68,6 +79,8 @@ class HeadParallelMixer(MegatronModule):
         self.layer_number = layer_number
         self.tp_group = tp_group_of(pg_collection)
         self.tp_rank, self.tp_size = tp_rank_and_size(self.tp_group)
+        self.cp_group = cp_group_of(pg_collection)
+        self.cp_size = tp_rank_and_size(self.cp_group)[1]
 
     def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
         return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
@@ -91,14 +104,33 @@ class HeadParallelMixer(MegatronModule):
 
     def mlstm_cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
                    ) -> torch.Tensor:
-        """The chunkwise mLSTM cell with this config's kernel, chunk, backward semantics and eps (both mLSTM mixers)."""
+        """The chunkwise mLSTM cell with this config's kernel, chunk, backward semantics and eps (both mLSTM mixers);
+        under CP the state-passing form around it."""
         from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 
         cfg = self.config
-        return mlstm_chunkwise_kernel(
-            q, k, v, i, f, kernel=cfg.mlstm_kernel, chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward,
-            eps=cfg.mlstm_eps,
-        )
+        options = dict(chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps)
+        if self.cp_size > 1:
+            from xlstm_megatron.ops.mlstm.context_parallel import mlstm_context_parallel
+
+            return mlstm_context_parallel(
+                q, k, v, i, f, group=self.cp_group, layout="zigzag",
+                cell=partial(mlstm_chunkwise_kernel, kernel=cfg.mlstm_kernel), **options,
+            )
+        return mlstm_chunkwise_kernel(q, k, v, i, f, kernel=cfg.mlstm_kernel, **options)
+
+    def causal_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise conv of x [B, S_local, C]; under CP each piece starts from the previous piece's last
+        inputs (its halo) instead of zeros."""
+        from xlstm_megatron.ops.conv import causal_conv1d
+
+        if self.cp_size == 1:
+            return causal_conv1d(x, weight, bias)
+        from xlstm_megatron.ops.context_parallel import join_pieces, previous_piece_tails, split_pieces
+
+        pieces = split_pieces(x, 1, 2)  # zigzag: two pieces per rank
+        halo = previous_piece_tails(pieces, weight.shape[1] - 1, group=self.cp_group, layout="zigzag")
+        return join_pieces(causal_conv1d(pieces, weight, bias, state=halo), 1, 2)
 
     def run_cell(self, recompute: bool, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)`, under Megatron's activation checkpoint when `recompute` (the mixer's selective-recompute

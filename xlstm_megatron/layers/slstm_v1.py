@@ -36,6 +36,10 @@ from xlstm_megatron.ops.kernels import slstm_kernel
 from xlstm_megatron.ops.norms import head_norm
 
 GATES = ("i", "f", "z", "o")
+SLSTM_NO_CONTEXT_PARALLEL = (
+    "sLSTM layers ('s') cannot be split over the sequence: memory mixing makes the recurrence strictly sequential, "
+    "so context-parallel ranks would run one after another (no speed-up); use TP/PP/DP or a pattern without 's'"
+)
 
 
 class SLSTMMixer(HeadParallelMixer):
@@ -49,6 +53,8 @@ class SLSTMMixer(HeadParallelMixer):
         **_: object,
     ) -> None:
         super().__init__(config, layer_number, pg_collection)
+        if self.cp_size > 1:
+            raise ValueError(f"context parallel size {self.cp_size}: {SLSTM_NO_CONTEXT_PARALLEL}")
         E, NH = config.hidden_size, config.slstm_heads
         self.head_dim = E // NH
         self.local_heads = local_count(NH, self.tp_size, "slstm_num_heads")

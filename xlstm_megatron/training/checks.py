@@ -66,8 +66,12 @@ def check_model(args: Namespace) -> None:
     TP, widths, patterns), which would otherwise fail in every rank after start-up."""
     from xlstm_megatron.runs.model import is_transformer, transformer_config_from_args, xlstm_config_from_args
 
-    (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)  # either family
+    config = (transformer_config_from_args if is_transformer(args) else xlstm_config_from_args)(args)  # either family
+    cp = getattr(args, "context_parallel_size", 1)
     if is_transformer(args):
+        if cp > 1 and args.transformer_impl != "transformer_engine":
+            raise ConfigError(f"--context-parallel-size {cp}: Megatron's attention has context parallelism only with "
+                              "Transformer Engine; add --transformer-impl transformer_engine or drop it")
         return
     from xlstm_megatron.layers.mamba import require_mamba_ssm
 
@@ -76,11 +80,18 @@ def check_model(args: Namespace) -> None:
             require_mamba_ssm()  # built in every rank otherwise, after start-up
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    # What the xLSTM mixers cannot honour yet would otherwise be silently wrong: each CP rank's sequence part would
-    # start from an empty state, and packed documents would carry state from one document into the next.
-    if getattr(args, "context_parallel_size", 1) > 1:
-        raise ConfigError(f"--context-parallel-size {args.context_parallel_size}: the xLSTM layers have no context "
-                          "parallelism yet (each rank would restart the recurrence); use TP/PP/DP or drop it")
+    if cp > 1:
+        from xlstm_megatron.layers.kinds import check_context_parallel
+
+        try:
+            check_context_parallel(config, cp)
+        except ValueError as error:
+            raise ConfigError(f"--context-parallel-size {cp}: {error}") from None
+        piece = args.seq_length // (2 * cp)
+        if config.xlstm_block == "v1" and piece < config.conv_kernel_size - 1:
+            raise ConfigError(f"--context-parallel-size {cp}: a CP piece holds {piece} tokens (seq length / 2 CP), "
+                              f"fewer than the conv's {config.conv_kernel_size - 1}-token window; lower it")
+    # packed documents would otherwise carry state from one document into the next
     if getattr(args, "reset_attention_mask", False):
         raise ConfigError("--reset-attention-mask: the xLSTM layers do not restart their state at document "
                           "boundaries yet; drop it (documents then follow each other, separated by EOD)")

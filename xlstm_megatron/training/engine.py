@@ -55,8 +55,12 @@ def _maybe_inject_nan(loss: torch.Tensor, iteration: int) -> torch.Tensor:
 
 def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
     """This rank's microbatch: read on tensor-parallel rank 0 of the first/last pipeline stage, broadcast over TP
-    (Megatron's `tensor_parallel.broadcast_data`); middle stages read nothing."""
+    (Megatron's `tensor_parallel.broadcast_data`); middle stages read nothing. Under context parallelism each rank
+    keeps its two pieces of every sequence in Megatron's zigzag order (`get_batch_on_this_cp_rank`, as its attention
+    CP); the xLSTM mixers pass state between the pieces (`ops.mlstm.context_parallel`)."""
+    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
+    from megatron.core.utils import get_batch_on_this_cp_rank
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
     if not is_first_or_last_pipeline_stage(vp_stage):
@@ -64,7 +68,10 @@ def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tens
     sample = next(data_iterator) if data_iterator is not None else None
     ints = tensor_parallel.broadcast_data(["tokens", "labels"], sample, torch.int64)
     floats = tensor_parallel.broadcast_data(["loss_mask"], sample, torch.float32)
-    return {**ints, **floats}
+    batch = {**ints, **floats}
+    if ps.get_context_parallel_world_size() > 1:
+        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
+    return batch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
