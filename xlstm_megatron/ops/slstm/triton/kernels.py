@@ -19,6 +19,10 @@ compiled without software pipelining, whose asynchronous copies would go through
 
 All math is fp32 with IEEE dots (the torch path's fp32 semantics). `first_zero_ptr` holds all(n0 == 0) over the
 whole initial state: the official "m = ĩ" branch, possible at t = 0 only.
+
+Packed documents (DOCS): `starts_ptr` (B, S) fp32, nonzero at each document's first token. At such a (row, step) the
+previous y, c, n, m read as 0 (y also in y_{t-1} R) and m_new = ĩ, i.e. the row's own fresh start; the saved
+history keeps the true previous state, so the backward applies the same reads. Without DOCS nothing is loaded.
 """
 
 import triton
@@ -72,11 +76,18 @@ def _end_of_step(bar_ptr, target, SYNC: tl.constexpr):
 
 
 @triton.jit
+def _doc_start(starts_ptr, rows, rmask, S, t):
+    """(BB,) bool: the rows that start a document at step t (false for padded rows and t >= S)."""
+    return tl.load(starts_ptr + rows * S + t, mask=rmask & (t < S), other=0.0) != 0.0
+
+
+@triton.jit
 def slstm_fwd_kernel(
-    wx_ptr, r_ptr, bias_ptr, first_zero_ptr, bar_ptr,
+    wx_ptr, r_ptr, bias_ptr, first_zero_ptr, bar_ptr, starts_ptr,
     raw_ptr, ys_ptr, cs_ptr, ns_ptr, ms_ptr,
     B, S, NH, DH, T0, T1,
     BB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EXP_FORGET: tl.constexpr, SYNC: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     """Steps T0 <= t < T1: raw gates of step t, then the state after it (ys / cs / ns / ms index t + 1)."""
     pid_p = tl.program_id(0)
@@ -94,6 +105,11 @@ def slstm_fwd_kernel(
     for t in range(T0, T1):
         t64 = tl.cast(t, tl.int64)
         y_prev = st_row + t64 * NH * DH
+        if DOCS:
+            fresh = _doc_start(starts_ptr, rows, rmask, S, t64)
+            y_rows = rmask & (fresh == 0)  # rows whose y_{t-1} enters y_{t-1} R
+        else:
+            y_rows = rmask
         for cb in range(pid_p, ncb, P):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < DH
@@ -105,7 +121,7 @@ def slstm_fwd_kernel(
             for k0 in range(0, DH, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < DH
-                y = tl.load(ys_ptr + y_prev + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                y = tl.load(ys_ptr + y_prev + ks[None, :], mask=y_rows[:, None] & kmask[None, :], other=0.0,
                             cache_modifier=".cg")
                 r_off = ks[:, None] * (4 * DH) + cols[None, :]
                 r_mask = kmask[:, None] & cmask[None, :]
@@ -132,8 +148,14 @@ def slstm_fwd_kernel(
             c = tl.load(cs_ptr + s_prev, mask=mask, other=0.0)
             n = tl.load(ns_ptr + s_prev, mask=mask, other=1.0)
             m = tl.load(ms_ptr + s_prev, mask=mask, other=0.0)
+            if DOCS:
+                c = tl.where(fresh[:, None], 0.0, c)
+                n = tl.where(fresh[:, None], 0.0, n)
+                m = tl.where(fresh[:, None], 0.0, m)
             a = m + _log_forget(f_raw, EXP_FORGET)
             m_new = tl.where(first_zero & (t == 0), i_raw, tl.maximum(i_raw, a))
+            if DOCS:
+                m_new = tl.where(fresh[:, None], i_raw, m_new)
             i_gate = tl.exp(tl.minimum(i_raw - m_new, 0.0))
             f_gate = tl.exp(tl.minimum(a - m_new, 0.0))
             c = f_gate * c + i_gate * _tanh(z_raw)
@@ -148,15 +170,17 @@ def slstm_fwd_kernel(
 
 @triton.jit
 def slstm_bwd_kernel(
-    r_ptr, raw_ptr, ys_ptr, cs_ptr, ns_ptr, ms_ptr, first_zero_ptr, bar_ptr,
+    r_ptr, raw_ptr, ys_ptr, cs_ptr, ns_ptr, ms_ptr, first_zero_ptr, bar_ptr, starts_ptr,
     gy_ptr, gy_last_ptr, gc_ptr, gn_ptr, gm_ptr, gwx_ptr,
     B, S, NH, DH, T0, T1,
     BB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EXP_FORGET: tl.constexpr, SYNC: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     """Steps t = T1 - 1 down to T0. dL/d(c, n, m) of the state after step t are carried in gc / gn / gm (B, NH, DH),
     in place (the caller fills them with the final state's gradients; they end as the initial state's). dL/dy_t is
     the output gradient plus g_raw_{t+1} R^T (or dL/dy_S at the last step). Per step the kernel stores dL/d raw gates
-    as g_wx (fp32). The gradients of R, the bias and y_0 are reductions of g_wx done by the caller."""
+    as g_wx (fp32). The gradients of R, the bias and y_0 are reductions of g_wx done by the caller (DOCS: with y_{t-1}
+    read as 0 in rows starting at t, as here, where such rows get no gradient into step t - 1's state)."""
     pid_p = tl.program_id(0)
     h = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -176,6 +200,12 @@ def slstm_bwd_kernel(
         t64 = tl.cast(t, tl.int64)
         g_next = gate_row + (t64 + 1) * NH * 4 * DH  # g_wx of step t + 1 (all columns: every program's)
         k_end = tl.where(t + 1 < S, DH, 0)
+        if DOCS:
+            fresh = _doc_start(starts_ptr, rows, rmask, S, t64)
+            # y_t reaches step t + 1 only in rows that do not restart there
+            next_rows = rmask & (_doc_start(starts_ptr, rows, rmask, S, t64 + 1) == 0)
+        else:
+            next_rows = rmask
         for cb in range(pid_p, ncb, P):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < DH
@@ -184,7 +214,7 @@ def slstm_bwd_kernel(
             for e0 in range(0, k_end, BK):
                 es = e0 + tl.arange(0, BK)
                 emask = es < DH
-                g_mask = rmask[:, None] & emask[None, :]
+                g_mask = next_rows[:, None] & emask[None, :]
                 rt_off = cols[None, :] * (4 * DH) + es[:, None]  # R[h, cols, g, es] as a (BK, BN) tile
                 rt_mask = emask[:, None] & cmask[None, :]
                 for g in tl.static_range(4):
@@ -209,6 +239,11 @@ def slstm_bwd_kernel(
             c_prev = tl.load(cs_ptr + p_off, mask=mask, other=0.0)
             n_prev = tl.load(ns_ptr + p_off, mask=mask, other=0.0)
             m_prev = tl.load(ms_ptr + p_off, mask=mask, other=0.0)
+            # DOCS: (c, n)_prev read as 0, as in the forward. m_prev is left as stored: at a start every term that
+            # holds a = m_prev + log f also has a factor 0 (c_prev, n_prev, 1 - p_i or the zeroed carry).
+            if DOCS:
+                c_prev = tl.where(fresh[:, None], 0.0, c_prev)
+                n_prev = tl.where(fresh[:, None], 0.0, n_prev)
             y_new = tl.load(ys_ptr + n_off, mask=mask, other=0.0)
             n_new = tl.load(ns_ptr + n_off, mask=mask, other=1.0)
             m_new = tl.load(ms_ptr + n_off, mask=mask, other=0.0)
@@ -229,6 +264,9 @@ def slstm_bwd_kernel(
             g_mnew = g_m - g_xi - g_xf
             p_i = tl.where(i_raw > a, 1.0, tl.where(i_raw < a, 0.0, 0.5))  # d max(ĩ, a) / dĩ, tie as torch
             p_i = tl.where(first_zero & (t == 0), 1.0, p_i)
+            if DOCS:  # m_new = ĩ; with c_prev = n_prev = 0 above, g_xf and so g_a (dL/dm_prev, dL/df̃) are 0
+                p_i = tl.where(fresh[:, None], 1.0, p_i)
+                f_gate = tl.where(fresh[:, None], 0.0, f_gate)  # no carry into the previous document
             g_i = g_xi + p_i * g_mnew
             g_a = g_xf + (1.0 - p_i) * g_mnew
             g_f = g_a if EXP_FORGET else g_a * _sigmoid(-f_raw)  # d log σ(f̃) / df̃ = σ(-f̃)

@@ -34,8 +34,11 @@ LOOP_MAX_DH = 128  # up to this head size one program per (head, batch tile) run
 GRID_YZ_MAX = 65535  # CUDA's limit on grid dimensions y and z
 INT32_MAX = 2**31 - 1
 
-# The tl.dot-free parts need no tuning; these are the only compile-time variants (besides EXP_FORGET, wx's dtype).
-CONFIGS = {sync: {"BB": BATCH_TILE, "BK": BLOCK_K, "BN": BLOCK_N, "SYNC": sync} for sync in (False, True)}
+# The tl.dot-free parts need no tuning; these are the only compile-time variants (besides EXP_FORGET, wx's dtype),
+# keyed by (SYNC, DOCS). DOCS (packed documents) is a compile-time flag so that calls without `doc_starts` load nothing
+# more; listing it here makes the resource audit compile both.
+CONFIGS = {(sync, docs): {"BB": BATCH_TILE, "BK": BLOCK_K, "BN": BLOCK_N, "SYNC": sync, "DOCS": docs}
+           for sync in (False, True) for docs in (False, True)}
 
 # Tests: "loop", "steps" or "sync" instead of the automatic choice (the interpreter can run "loop" and "steps").
 forced_mode: str | None = None
@@ -94,8 +97,8 @@ def _capacity(kernel, args: tuple, meta: dict, device: torch.device) -> int:
     return cap
 
 
-def _meta(sync: bool, exp_forget: bool) -> dict:
-    meta = {**CONFIGS[sync], "EXP_FORGET": exp_forget, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES[sync]}
+def _meta(sync: bool, exp_forget: bool, docs: bool) -> dict:
+    meta = {**CONFIGS[sync, docs], "EXP_FORGET": exp_forget, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES[sync]}
     if sync and COOPERATIVE:  # the driver refuses (instead of deadlocking) a grid that cannot be co-resident
         meta["launch_cooperative_grid"] = True
     return meta
@@ -112,7 +115,8 @@ def check_sizes(bsz: int, seq: int, nh: int, dh: int) -> None:
                          f"(carry the state with initial_state)")
 
 
-def plan(kernel, args: tuple, bsz: int, nh: int, dh: int, exp_forget: bool, device: torch.device) -> Plan:
+def plan(kernel, args: tuple, bsz: int, nh: int, dh: int, exp_forget: bool, device: torch.device,
+         docs: bool = False) -> Plan:
     """The fastest mode that can launch: "sync" if P >= 2 programs per group fit on the device at once, else "loop"
     for small heads and "steps" for large ones. The interpreter runs "loop" (programs run one after another there, so
     a grid barrier would wait forever)."""
@@ -124,7 +128,7 @@ def plan(kernel, args: tuple, bsz: int, nh: int, dh: int, exp_forget: bool, devi
     if interpreting():
         raise ValueError("the sLSTM 'sync' mode needs a GPU: the interpreter runs programs one at a time")
     groups = nh * triton.cdiv(bsz, BATCH_TILE)
-    p = min(ncb, _capacity(kernel, args, _meta(True, exp_forget), device) // groups)
+    p = min(ncb, _capacity(kernel, args, _meta(True, exp_forget, docs), device) // groups)
     if p >= 2:
         return Plan(p, "sync")
     if forced_mode == "sync":
@@ -134,23 +138,23 @@ def plan(kernel, args: tuple, bsz: int, nh: int, dh: int, exp_forget: bool, devi
 
 
 def run(kernel, make_args: Callable[[int, int, torch.Tensor], tuple], sizes: tuple[int, int, int, int],
-        exp_forget: bool, placeholder: torch.Tensor, reverse: bool = False) -> Plan:
+        exp_forget: bool, placeholder: torch.Tensor, reverse: bool = False, docs: bool = False) -> Plan:
     """Launch `kernel` over the whole sequence; `make_args(T0, T1, barrier)` gives its arguments for the steps
     T0 <= t < T1 (`reverse`: the kernel walks them backwards). `placeholder`: any int32 tensor on the device, passed
-    where no barrier counter is used."""
+    where no barrier counter is used. `docs`: compile with DOCS (the arguments carry the document starts)."""
     bsz, seq, nh, dh = sizes
     check_sizes(bsz, seq, nh, dh)
     if seq == 0:
         return Plan(1, "loop")
     device = placeholder.device
-    p = plan(kernel, make_args(0, seq, placeholder), bsz, nh, dh, exp_forget, device)
+    p = plan(kernel, make_args(0, seq, placeholder), bsz, nh, dh, exp_forget, device, docs)
     grid = (p.programs, nh, triton.cdiv(bsz, BATCH_TILE))
     if p.mode == "steps":
-        meta = _meta(False, exp_forget)
+        meta = _meta(False, exp_forget, docs)
         for t in reversed(range(seq)) if reverse else range(seq):
             kernel[grid](*make_args(t, t + 1, placeholder), **meta)
         return p
     sync = p.mode == "sync"
     barrier = torch.zeros(grid[1] * grid[2], dtype=torch.int32, device=device) if sync else placeholder
-    kernel[grid](*make_args(0, seq, barrier), **_meta(sync, exp_forget))
+    kernel[grid](*make_args(0, seq, barrier), **_meta(sync, exp_forget, docs))
     return p
