@@ -109,12 +109,18 @@ NO_MOCK = {k: v for k, v in TRAIN.items() if k != "mock_data"}
     ({**MODEL, "xlstm_pattern": "mx"}, TRAIN, (), "unknown symbols"),
     (MODEL, TRAIN, ("--micro-batch-sizes", "4"), "unrecognized arguments: --micro-batch-sizes 4 (closest: "
      "--micro-batch-sizes -> --micro-batch-size)"),
-    (MODEL, TRAIN, ("--context-parallel-size", "2", "--nproc", "2"), "no context parallelism yet"),
+    (MODEL, TRAIN, ("--context-parallel-size", "2", "--nproc", "2"),
+     "--context-parallel-size 2: sLSTM layers ('s') cannot be split over the sequence"),
+    ({**MODEL, "xlstm_pattern": "m*"}, TRAIN, ("--context-parallel-size", "2", "--nproc", "2"),
+     "attention layers ('*') have context parallelism only in Transformer Engine's attention"),
+    ({**MODEL, "xlstm_pattern": "mm"}, TRAIN, ("--context-parallel-size", "4", "--nproc", "4"),
+     "a CP piece holds 2 tokens (seq length / 2 CP), fewer than the conv's 3-token window"),
     (MODEL, {**TRAIN, "reset_attention_mask": True}, (), "do not restart their state at document boundaries"),
     pytest.param({**MODEL, "xlstm_pattern": "mM", "mamba_head_dim": 16, "mamba_num_groups": 1}, TRAIN, (),
                  "needs mamba_ssm", marks=pytest.mark.skipif(_have_mamba_ssm(), reason="mamba_ssm imports here")),
 ], ids=["yaml-key", "yaml-key-train", "missing-data", "world-vs-tp", "heads-vs-tp", "slstm-heads-vs-tp",
-        "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag", "context-parallel",
+        "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag", "cp-slstm",
+        "cp-local-attention", "cp-short-pieces",
         "packed-documents", "mamba-without-mamba-ssm"])
 def test_bad_config_fails_before_start(capfd, tmp_path, model, train, flags, match):
     assert match in _fails_once(capfd, tmp_path, *_config(tmp_path, model, train), *flags)
