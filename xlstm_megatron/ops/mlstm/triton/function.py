@@ -10,6 +10,8 @@ forward does not hold them all either: it scans and reads out segments of chunks
 of v (`segment_chunks`), e.g. 8 segments at the 7B heads, L = 64, whatever the length. Backward: a reverse scan for
 the state gradients, then dq, dk, dv in parallel over chunks, each recomputing its L x L blocks; the gate gradients
 follow from q.dq and k.dk row sums (see chunkwise_backward.py).
+Packed documents (`doc_starts`): the gate vectors come from segmented scans and the kernels get the segment index per
+row (kernels_forward.py); without them the kernels are compiled without any of that code.
 """
 
 import contextlib
@@ -23,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from xlstm_megatron.ops.mlstm.chunkwise_forward import chunk_gates
-from xlstm_megatron.ops.mlstm.common import MLSTMState, check_shapes
+from xlstm_megatron.ops.mlstm.common import MLSTMState, check_doc_starts, check_shapes, segmented_scan
 from xlstm_megatron.ops.mlstm.triton.launch import check_grid, dtype_meta, launch, max_dqk_tiles, use_autotune
 
 F32 = torch.float32
@@ -48,18 +50,46 @@ def _state_buffers(BH: int, chunks: int, DQK: int, DV: int, dev) -> tuple[Tensor
             torch.empty(BH, chunks, DQK, device=dev, dtype=F32))
 
 
-def _gate_vectors(i: Tensor, f: Tensor, L: int, NC: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _chunk_starts(doc_starts: Tensor | None, NH: int, L: int, NC: int) -> Tensor | None:
+    """(B, S) document starts -> (BH, NC, L) bool, per head; padding tokens start nothing."""
+    if doc_starts is None:
+        return None
+    B, S = doc_starts.shape
+    starts = doc_starts[:, None].expand(B, NH, S).reshape(B * NH, S)
+    return F.pad(starts, (0, NC * L - S), value=False).view(B * NH, NC, L)
+
+
+def _gate_vectors(i: Tensor, f: Tensor, L: int, NC: int, starts: Tensor | None = None) -> tuple[Tensor, ...]:
     """i, f (B, NH, S) -> padded input gates, log sigmoid(f), and b, u, ucm (see kernels_forward.py), all
-    (BH, NC, L) fp32; padding tokens (i = -inf, log f = 0) change no state and no real row."""
+    (BH, NC, L) fp32; padding tokens (i = -inf, log f = 0) change no state and no real row. With `starts` (BH, NC, L)
+    bool, b and ucm restart at each start and the last item is the segment index (BH, NC, L) int32 (else None)."""
     S = i.shape[-1]
     ic, lf = i.to(F32).reshape(-1, S), F.logsigmoid(f.to(F32)).reshape(-1, S)
     pad = NC * L - S
     if pad:
         ic, lf = F.pad(ic, (0, pad), value=float("-inf")), F.pad(lf, (0, pad), value=0.0)
     ic, lf = ic.view(-1, NC, L), lf.view(-1, NC, L)
-    b = lf.cumsum(-1)
+    if starts is None:
+        b = lf.cumsum(-1)
+        u = ic - b
+        return ic, lf, b, u, u.cummax(-1).values, None
+    b = segmented_scan(lf, starts, torch.add, 0.0)
     u = ic - b
-    return ic, lf, b, u, u.cummax(-1).values
+    ucm = segmented_scan(u, starts, torch.maximum, float("-inf"))
+    return ic, lf, b, u, ucm, starts.cumsum(-1, dtype=torch.int32)
+
+
+def _segmented_forget_grad(db: Tensor, final_terms: list[Tensor], starts: Tensor) -> Tensor:
+    """d log sigmoid(f) (BH, S) with documents: the reverse sum of db = q.dq - k.dk stops at each document's end, the
+    final-state terms (each (BH,)) reach only the tokens after the last start, and a start token gets 0 (its forget
+    gate multiplies the empty state). starts (BH, S) bool."""
+    ends = F.pad(starts[:, 1:], (0, 1), value=False)  # last token of each document but the row's last one
+    dlog_f = segmented_scan(db.flip(-1), ends.flip(-1), torch.add, 0.0).flip(-1)
+    if final_terms:
+        after_last_start = starts.flip(-1).cumsum(-1).flip(-1) == 0
+        for term in final_terms:
+            dlog_f = dlog_f + term[:, None] * after_last_start
+    return dlog_f.masked_fill(starts, 0.0)
 
 
 class _Geometry:
@@ -93,37 +123,38 @@ def _initial_state(C0: Tensor | None, n0: Tensor | None, m0: Tensor | None, g: _
     return tuple(t.to(F32).reshape(g.BH, *t.shape[2:]).contiguous() for t in (C0, n0, m0))
 
 
-def _scan_states(k_: Tensor, v_: Tensor, gates: tuple[Tensor, Tensor, Tensor], state0: tuple[Tensor, ...],
+def _scan_states(k_: Tensor, v_: Tensor, gates: tuple[Tensor, ...], state0: tuple[Tensor, ...],
                  g: _Geometry, meta: dict, tune: bool, Ms: Tensor, first: int = 0, end: int | None = None,
                  out: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
     """Kernel 1 over chunks first <= c < end (default: all), from state0 = (C, n, m) before chunk `first`: the fp32
     states before those chunks (Cs, ns), the stabilisers (into Ms) and the state after them (Cf, nf, written to
-    `out` if given; it must not alias state0)."""
+    `out` if given; it must not alias state0). gates: b, u, ucm, seg_ids (None without documents)."""
     end = g.NC if end is None else end
-    b, u, ucm = gates
+    b, u, ucm, seg_ids = gates
     C0_, n0_, m0_ = state0
     Cs, ns = _state_buffers(g.BH, end - first, g.DQK, g.DV, k_.device)
     Cf, nf = out if out is not None else (torch.empty_like(C0_), torch.empty_like(n0_))
-    args = (k_, v_, u, ucm, b, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, g.S, g.NC, first, end, end - first)
+    args = (k_, v_, u, ucm, b, seg_ids, C0_, n0_, m0_, Cs, ns, Ms, Cf, nf, g.S, g.NC, first, end, end - first)
     launch("fwd_states", g.scan_grid(), args, meta, tune)
     return Cs, ns, Cf, nf
 
 
 class _MLSTMChunkwiseTriton(torch.autograd.Function):
-    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), chunk_size, eps, exact, recompute_states;
-    outputs h, C, n, m."""
+    """Inputs q, k, v, i, f, C0, n0, m0 (state optional: all None), doc_starts (or None), chunk_size, eps, exact,
+    recompute_states; outputs h, C, n, m."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size: int, eps: float, exact: bool, recompute_states: bool):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, doc_starts, chunk_size: int, eps: float, exact: bool,
+                recompute_states: bool):
         g = _Geometry(q, v, chunk_size)
         BH, S, DQK, DV, L, NC = g.BH, g.S, g.DQK, g.DV, g.L, g.NC
-        _, _, b, u, ucm = _gate_vectors(i, f, L, NC)
+        _, _, b, u, ucm, seg_ids = _gate_vectors(i, f, L, NC, _chunk_starts(doc_starts, g.shape_bnh[1], L, NC))
         q_, k_, v_ = _flat(q, BH), _flat(k, BH), _flat(v, BH)
         dev = q.device
         state0 = _initial_state(C0, n0, m0, g, dev)
         meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q.dtype)}
         tune = use_autotune(q)
-        gates = (b, u, ucm)
+        gates = (b, u, ucm, seg_ids)
         Ms = torch.empty(BH, NC + 1, device=dev, dtype=F32)
         h = torch.empty(BH, S, DV, device=dev, dtype=q.dtype)
         den = torch.empty(BH, g.Sp, device=dev, dtype=F32)
@@ -135,7 +166,8 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         start = state0
         for j, (first, end) in enumerate(ends):
             Cs, ns, Cf, nf = _scan_states(k_, v_, gates, start, g, meta, tune, Ms, first, end, turns[j % 2])
-            args = (q_, k_, v_, u, ucm, b, Cs, ns, Ms, h, den, m_rows, S, NC, first, end - first, DQK**-0.5, eps)
+            args = (q_, k_, v_, u, ucm, b, seg_ids, Cs, ns, Ms, h, den, m_rows, S, NC, first, end - first, DQK**-0.5,
+                    eps)
             launch("fwd_out", g.chunk_grid("BV", DV, end - first), args, meta, tune)
             start = (Cf, nf, Ms[:, end].contiguous())
 
@@ -143,7 +175,7 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         # recomputing needs the initial C, n (one state); otherwise the states before every chunk are kept
         saved_states = (state0[0], state0[1]) if recompute_states else (Cs, ns)  # one segment if kept
         ctx.save_for_backward(q_, k_, v_, i, f, state0[2], *saved_states, Ms, Cf, nf, den, m_rows,
-                              h if exact else None)
+                              h if exact else None, doc_starts)
         ctx.meta = (chunk_size, eps, exact, C0 is not None, tuple(t.dtype for t in (q, k, v, i, f)), recompute_states)
         ctx.state_dtypes = None if C0 is None else (C0.dtype, n0.dtype, m0.dtype)
         ctx.set_materialize_grads(False)
@@ -155,17 +187,18 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dh, dC_S, dn_S, dm_S):
-        q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h = ctx.saved_tensors
+        q_, k_, v_, i, f, m0_, Cs, ns, Ms, Cf, nf, den, m_rows, h, doc_starts = ctx.saved_tensors
         chunk_size, eps, exact, has_state, dtypes, recompute_states = ctx.meta
         BH, S, DQK = q_.shape
         DV = v_.shape[-1]
         g = _Geometry(q_.view(1, BH, S, DQK), v_.view(1, BH, S, DV), chunk_size)
         L, NC, dev = g.L, g.NC, q_.device
-        ic, lf, b, u, ucm = _gate_vectors(i, f, L, NC)
+        starts = _chunk_starts(doc_starts, i.shape[1], L, NC)
+        ic, lf, b, u, ucm, seg_ids = _gate_vectors(i, f, L, NC, starts)
         meta = {"L": L, "DQK": DQK, "DV": DV, **dtype_meta(q_.dtype)}
         tune, scale = use_autotune(q_), DQK**-0.5
         if recompute_states:  # Cs, ns hold the initial C, n: re-run kernel 1 (deterministic: the same states)
-            Cs, ns = _scan_states(k_, v_, (b, u, ucm), (Cs, ns, m0_), g, meta, tune, Ms.clone())[:2]
+            Cs, ns = _scan_states(k_, v_, (b, u, ucm, seg_ids), (Cs, ns, m0_), g, meta, tune, Ms.clone())[:2]
 
         floor = finite_floor(m_rows)
         norm = torch.maximum(den.abs(), floor) + eps
@@ -185,33 +218,36 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
         dn0 = torch.empty(BH, DQK, device=dev, dtype=F32) if has_n else norm
         dden_arg = norm if dden is None else dden
         flags = {"HAS_DCF": has_dcf, "HAS_DNF": has_dnf, "HAS_DDEN": exact}
-        args = (q_, dh_, ucm, norm, dden_arg, Ms, dCf, dnf, dCs, dns, dC0, dn0, S, NC, scale)
+        args = (q_, dh_, ucm, seg_ids, norm, dden_arg, Ms, dCf, dnf, dCs, dns, dC0, dn0, S, NC, scale)
         launch("bwd_states", g.scan_grid(), args, {**meta, **flags}, tune)
 
         dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
         # per-DQK-tile partial sums; zeros where the tuned tiles are larger than the smallest candidate's
         qdq = torch.zeros(max_dqk_tiles(meta, tune), BH, g.Sp, device=dev, dtype=F32)
         kdk = torch.zeros_like(qdq)
-        args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, Cs, ns, Ms, dq, qdq, S, NC, scale)
+        args = (q_, k_, v_, dh_, u, ucm, seg_ids, norm, dden_arg, Cs, ns, Ms, dq, qdq, S, NC, scale)
         launch("bwd_dq", g.chunk_grid("BK", DQK), args, {**meta, "HAS_DDEN": exact}, tune)
-        args = (q_, k_, v_, dh_, u, ucm, norm, dden_arg, dCs, dns, Ms, dk, kdk, S, NC, scale)
+        args = (q_, k_, v_, dh_, u, ucm, seg_ids, norm, dden_arg, dCs, dns, Ms, dk, kdk, S, NC, scale)
         launch("bwd_dk", g.chunk_grid("BK", DQK), args, {**meta, "HAS_N": has_n, "HAS_DDEN": exact}, tune)
-        args = (q_, k_, dh_, u, ucm, norm, dCs, Ms, dv, S, NC, scale)
+        args = (q_, k_, dh_, u, ucm, seg_ids, norm, dCs, Ms, dv, S, NC, scale)
         launch("bwd_dv", g.chunk_grid("BV", DV), args, meta, tune)
 
         q_dq = qdq.sum(0)[:, :S]
         di = kdk.sum(0)[:, :S]
-        dlog_f = (q_dq - di).flip(-1).cumsum(-1).flip(-1)
-        if has_dcf:
-            dlog_f = dlog_f + (dCf * Cf).sum((-2, -1))[:, None]
-        if has_dnf:
-            dlog_f = dlog_f + (dnf * nf).sum(-1)[:, None]
+        # the final state carries every log f (after the last start): <dC_S, C_S> + <dn_S, n_S> reaches those tokens
+        final_terms = ([(dCf * Cf).sum((-2, -1))] if has_dcf else []) + ([(dnf * nf).sum(-1)] if has_dnf else [])
+        if starts is None:
+            dlog_f = (q_dq - di).flip(-1).cumsum(-1).flip(-1)
+            for term in final_terms:
+                dlog_f = dlog_f + term[:, None]
+        else:
+            dlog_f = _segmented_forget_grad(q_dq - di, final_terms, starts.view(BH, -1)[:, :S])
 
         dm0 = None
         if exact:  # the stabilisers enter h only through eps (see chunkwise.py): autograd through the gate graph
             with torch.enable_grad():
                 ic, lf, m0_g = (t.detach().requires_grad_() for t in (ic, lf, m0_))
-                gates = chunk_gates(ic, lf, m0_g)
+                gates = chunk_gates(ic, lf, m0_g, starts)
                 m_rows_graph, m_final_graph = gates.m, gates.M[:, -1]
             dM_S = torch.zeros_like(m0_) if dm_S is None else dm_S.to(F32).reshape(BH)
             if has_dcf:
@@ -237,7 +273,7 @@ class _MLSTMChunkwiseTriton(torch.autograd.Function):
                 dn0.view(*shape_bnh, DQK).to(n_dt) if has_n else None,
                 None if dm0 is None else dm0.view(shape_bnh).to(m_dt),
             )
-        return dq_t, dk_t, dv_t, di_t, df_t, *grads_state, None, None, None, None
+        return dq_t, dk_t, dv_t, di_t, df_t, *grads_state, None, None, None, None, None
 
 
 def mlstm_chunkwise_triton(
@@ -253,6 +289,7 @@ def mlstm_chunkwise_triton(
     backward: Literal["exact", "constant"] = "constant",
     eps: float = 1e-6,
     recompute_states: bool = True,
+    doc_starts: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, MLSTMState]:
     """Triton chunkwise mLSTM with the contract of `xlstm_megatron.ops.mlstm.mlstm_chunkwise`.
 
@@ -263,8 +300,13 @@ def mlstm_chunkwise_triton(
     `backward`: "constant" (normaliser and stabilisers held fixed, as TFLA / xLSTM 7B training) or "exact".
     `recompute_states` (Triton only): backward re-runs the state scan instead of keeping the fp32 state before every
     chunk (see the module docstring for the memory it saves).
+    `doc_starts`: optional bool (B, S), true at each document's first token (packed sequences): the state restarts
+    empty there, as in `mlstm_chunkwise`; `initial_state` feeds the first document unless position 0 is marked.
     """
     check_shapes(q, k, v, i, f)
+    check_doc_starts(doc_starts, (q.shape[0], q.shape[2]))
+    if doc_starts is not None and doc_starts.device != q.device:
+        raise ValueError(f"doc_starts must be on q's device {q.device}, got {doc_starts.device}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     dtype_meta(q.dtype)  # raises for unsupported dtypes
@@ -281,6 +323,6 @@ def mlstm_chunkwise_triton(
     # Triton launches on the current CUDA device (autograd's backward threads already run on the tensors' device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         h, C, n, m = _MLSTMChunkwiseTriton.apply(
-            q, k, v, i, f, C0, n0, m0, chunk_size, eps, backward == "exact", recompute_states
+            q, k, v, i, f, C0, n0, m0, doc_starts, chunk_size, eps, backward == "exact", recompute_states
         )
     return (h, (C, n, m)) if return_final_state else h

@@ -8,13 +8,15 @@ w.r.t. the denominator row q.n (which then also sends gradient into n). With D_i
   dk_j = sum_i dS_ij q_i + write_j (dC_c v_j + dn_c)                write_j = exp(u_j - x_{L-1})
   dv_j = sum_i S_ij dnum_i + write_j dC_c^T k_j
 where C_c, n_c are the states before chunk c and dC_c, dn_c the gradients w.r.t. the state after chunk c.
+Packed documents (`seg_ptr`, see kernels_forward.py): D_ij, read_i, write_j and the carry get the forward's masks, so
+the reverse scan stops at a chunk holding a start and no gradient crosses a start inside a chunk.
 The dq and dk kernels also write per-row partial sums of q.dq and k.dk (one slice per DQK tile) for the gate gradients.
 """
 
 import triton
 import triton.language as tl
 
-from xlstm_megatron.ops.mlstm.triton.kernels_forward import _dot
+from xlstm_megatron.ops.mlstm.triton.kernels_forward import _chunk_end, _dot, _rows, _write_u
 
 
 @triton.jit
@@ -30,6 +32,7 @@ def mlstm_bwd_states_kernel(
     q_ptr,
     dh_ptr,
     ucm_ptr,
+    seg_ptr,  # (BH, Sp) int32 segment index, or None (no documents)
     norm_ptr,
     dden_ptr,
     Ms_ptr,
@@ -78,7 +81,7 @@ def mlstm_bwd_states_kernel(
             if first_v:
                 tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn, mask=mk)
         M = tl.load(Ms_ptr + bh * (NC + 1) + c)
-        carry = tl.exp(M - tl.maximum(M, tl.load(ucm_ptr + g_base + c * L + L - 1)))
+        x_last, carry, seg_last = _chunk_end(ucm_ptr, seg_ptr, g_base + c * L + L - 1, M)
         dC = dC * carry
         dn = dn * carry
         for l0 in range(0, L, BL):
@@ -86,8 +89,7 @@ def mlstm_bwd_states_kernel(
             mr = r < L
             pos = c * L + r
             ms = mr & (pos < S)
-            x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
-            read = scale * tl.exp(M - x)
+            x, read, seg = _rows(ucm_ptr, seg_ptr, g_base + pos, mr, M, scale)
             qt = tl.load(q_base + pos[None, :] * DQK + ok[:, None], mask=mk[:, None] & ms[None, :], other=0.0)
             qr = qt.to(tl.float32) * read[None, :]
             dnum = _load_dnum(dh_base, norm_ptr + g_base, pos, ms, ov, mv, DV)
@@ -109,6 +111,7 @@ def mlstm_bwd_dq_kernel(
     dh_ptr,
     u_ptr,
     ucm_ptr,
+    seg_ptr,
     norm_ptr,
     dden_ptr,
     Cs_ptr,
@@ -145,8 +148,7 @@ def mlstm_bwd_dq_kernel(
     st = bh * NC + c
 
     M = tl.load(Ms_ptr + bh * (NC + 1) + c)
-    x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
-    read = scale * tl.exp(M - x)
+    x, read, seg = _rows(ucm_ptr, seg_ptr, g_base + pos, mr, M, scale)
     dden = tl.zeros((BL,), dtype=tl.float32)
     if HAS_DDEN:
         dden += tl.load(dden_ptr + g_base + pos, mask=ms, other=0.0)
@@ -178,7 +180,11 @@ def mlstm_bwd_dq_kernel(
             ds += _dot(dnum, vt, DT, IEEE)
         if HAS_DDEN:
             ds += dden[:, None]
-        log_d = tl.where(j[None, :] <= r[:, None], uj[None, :] - x[:, None], float("-inf"))
+        keep = (j[None, :] <= r[:, None]) & mr[:, None]  # rows past the chunk have x = M_c: exp could overflow
+        if seg_ptr is not None:
+            segj = tl.load(seg_ptr + g_base + posj, mask=mj, other=-1)
+            keep = keep & (segj[None, :] == seg[:, None])
+        log_d = tl.where(keep, uj[None, :] - x[:, None], float("-inf"))
         ds = ds * (scale * tl.exp(log_d))
         kt = tl.load(k_base + posj[:, None] * DQK + ok[None, :], mask=msj[:, None] & mk[None, :], other=0.0)
         acc += _dot(ds, kt, DT, IEEE)
@@ -198,6 +204,7 @@ def mlstm_bwd_dk_kernel(
     dh_ptr,
     u_ptr,
     ucm_ptr,
+    seg_ptr,
     norm_ptr,
     dden_ptr,
     dCs_ptr,
@@ -236,9 +243,11 @@ def mlstm_bwd_dk_kernel(
     dC_base = dCs_ptr + st * DQK * DV
 
     M = tl.load(Ms_ptr + bh * (NC + 1) + c)
-    x_last = tl.maximum(M, tl.load(ucm_ptr + g_base + c * L + L - 1))
+    x_last, carry, seg_last = _chunk_end(ucm_ptr, seg_ptr, g_base + c * L + L - 1, M)
     uj = tl.load(u_ptr + g_base + posj, mask=mj, other=float("-inf"))
-    write = tl.exp(uj - x_last)
+    write = tl.exp(_write_u(uj, seg_ptr, g_base + posj, mj, seg_last) - x_last)
+    if seg_ptr is not None:
+        segj = tl.load(seg_ptr + g_base + posj, mask=mj, other=-1)
 
     acc = tl.zeros((BL, BK), dtype=tl.float32)
     for v0 in range(0, DV, BV):
@@ -256,7 +265,7 @@ def mlstm_bwd_dk_kernel(
         mr = r < L
         pos = c * L + r
         ms = mr & (pos < S)
-        x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
+        x, read, seg = _rows(ucm_ptr, seg_ptr, g_base + pos, mr, M, scale)
         ds_t = tl.zeros((BL, BL), dtype=tl.float32)  # (key j, query i)
         for v0 in range(0, DV, BV):
             ov = v0 + tl.arange(0, BV)
@@ -268,7 +277,12 @@ def mlstm_bwd_dk_kernel(
         ds_t = ds_t / norm[None, :]
         if HAS_DDEN:
             ds_t += tl.load(dden_ptr + g_base + pos, mask=ms, other=0.0)[None, :]
-        log_d = tl.where(j[:, None] <= r[None, :], uj[:, None] - x[None, :], float("-inf"))
+        # rows past the chunk (r >= L, when BL does not divide L) are summed over here: their x = M_c can lie far
+        # below u_j, so exp would give inf and 0 * inf = nan in the dot
+        keep = (j[:, None] <= r[None, :]) & mr[None, :]
+        if seg_ptr is not None:
+            keep = keep & (segj[:, None] == seg[None, :])
+        log_d = tl.where(keep, uj[:, None] - x[None, :], float("-inf"))
         ds_t = ds_t * (scale * tl.exp(log_d))
         qt = tl.load(q_base + pos[:, None] * DQK + ok[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
         acc += _dot(ds_t, qt, DT, IEEE)
@@ -287,6 +301,7 @@ def mlstm_bwd_dv_kernel(
     dh_ptr,
     u_ptr,
     ucm_ptr,
+    seg_ptr,
     norm_ptr,
     dCs_ptr,
     Ms_ptr,
@@ -319,9 +334,11 @@ def mlstm_bwd_dv_kernel(
     dC_base = dCs_ptr + st * DQK * DV
 
     M = tl.load(Ms_ptr + bh * (NC + 1) + c)
-    x_last = tl.maximum(M, tl.load(ucm_ptr + g_base + c * L + L - 1))
+    x_last, carry, seg_last = _chunk_end(ucm_ptr, seg_ptr, g_base + c * L + L - 1, M)
     uj = tl.load(u_ptr + g_base + posj, mask=mj, other=float("-inf"))
-    write = tl.exp(uj - x_last)
+    write = tl.exp(_write_u(uj, seg_ptr, g_base + posj, mj, seg_last) - x_last)
+    if seg_ptr is not None:
+        segj = tl.load(seg_ptr + g_base + posj, mask=mj, other=-1)
 
     acc = tl.zeros((BL, BV), dtype=tl.float32)
     for k0 in range(0, DQK, BK):
@@ -337,7 +354,7 @@ def mlstm_bwd_dv_kernel(
         mr = r < L
         pos = c * L + r
         ms = mr & (pos < S)
-        x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
+        x, read, seg = _rows(ucm_ptr, seg_ptr, g_base + pos, mr, M, scale)
         s_t = tl.zeros((BL, BL), dtype=tl.float32)  # (key j, query i)
         for k0 in range(0, DQK, BK):
             ok = k0 + tl.arange(0, BK)
@@ -345,7 +362,12 @@ def mlstm_bwd_dv_kernel(
             kt = tl.load(k_base + posj[:, None] * DQK + ok[None, :], mask=msj[:, None] & mk[None, :], other=0.0)
             qt = tl.load(q_base + pos[None, :] * DQK + ok[:, None], mask=mk[:, None] & ms[None, :], other=0.0)
             s_t += _dot(kt, qt, DT, IEEE)
-        log_d = tl.where(j[:, None] <= r[None, :], uj[:, None] - x[None, :], float("-inf"))
+        # rows past the chunk (r >= L, when BL does not divide L) are summed over here: their x = M_c can lie far
+        # below u_j, so exp would give inf and 0 * inf = nan in the dot
+        keep = (j[:, None] <= r[None, :]) & mr[None, :]
+        if seg_ptr is not None:
+            keep = keep & (segj[:, None] == seg[None, :])
+        log_d = tl.where(keep, uj[:, None] - x[None, :], float("-inf"))
         s_t = s_t * (scale * tl.exp(log_d))
         dnum = _load_dnum(dh_base, norm_ptr + g_base, pos, ms, ov, mv, DV)
         acc += _dot(s_t, dnum, DT, IEEE)

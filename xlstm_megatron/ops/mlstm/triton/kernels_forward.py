@@ -5,6 +5,12 @@ Layout: q, k (BH, S, DQK), v, h (BH, S, DV) contiguous; gate vectors u, ucm, b (
 b_r = cumulative log sigmoid(f) inside the chunk, u_r = i_r - b_r, ucm_r = max_{j<=r} u_j. With M_c the state
 stabiliser before chunk c (M_0 = m0): x_r = max(M_c, ucm_r), row stabiliser m_r = b_r + x_r; every exponent below is
 u_j - x_r, M_c - x_r or u_j - x_{L-1}, all <= 0 (the same stabilisers as the torch chunkwise, see chunkwise_forward.py).
+
+Packed documents: `seg_ptr` (BH, Sp) int32, the count of document starts in the chunk up to each row, or None (a
+compile-time specialisation: no loads, today's code). b and ucm then restart at each start (the caller's segmented
+scans), a row past a start (seg > 0) begins from the empty state (stabiliser 0 instead of M_c, read weight 0), pairs
+in different segments get weight 0, the chunk-end state takes only sources of the chunk's last segment, and a chunk
+holding a start carries nothing of the state before it (see `_chunk_end`).
 """
 
 import triton
@@ -41,12 +47,55 @@ def _dot(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rows(ucm_ptr, seg_ptr, offs, mask, M, scale):
+    """Row stabilisers x_r (m_r - b_r) and read weights read_r = scale * exp(M_c - x_r) of the chunk-start state for
+    the rows at `offs`, and their segment index (0 without documents; masked rows: x = M, seg = 0)."""
+    ucm = tl.load(ucm_ptr + offs, mask=mask, other=float("-inf"))
+    if seg_ptr is not None:
+        seg = tl.load(seg_ptr + offs, mask=mask, other=0)
+        fresh = seg > 0  # past a start in this chunk: the empty state, whose stabiliser is 0
+        x = tl.maximum(tl.where(fresh, 0.0, M), ucm)
+        read = scale * tl.exp(tl.where(fresh, float("-inf"), M - x))  # masked before exp: M - x may be > 0 there
+    else:
+        seg = tl.zeros_like(offs)
+        x = tl.maximum(M, ucm)
+        read = scale * tl.exp(M - x)
+    return x, read, seg
+
+
+@triton.jit
+def _chunk_end(ucm_ptr, seg_ptr, last, M):
+    """x_{L-1}, the carry exp(M_c - x_{L-1}) of the chunk-start state into the chunk-end state, and the last row's
+    segment: a chunk holding a start carries nothing (its last segment began from the empty state)."""
+    ucm_last = tl.load(ucm_ptr + last)
+    if seg_ptr is not None:
+        seg_last = tl.load(seg_ptr + last)
+        x_last = tl.maximum(tl.where(seg_last > 0, 0.0, M), ucm_last)
+        carry = tl.exp(tl.where(seg_last > 0, float("-inf"), M - x_last))
+    else:
+        seg_last = 0
+        x_last = tl.maximum(M, ucm_last)
+        carry = tl.exp(M - x_last)
+    return x_last, carry, seg_last
+
+
+@triton.jit
+def _write_u(u, seg_ptr, offs, mask, seg_last):
+    """u_j of the sources at `offs`, -inf for those before the chunk's last segment (they miss the chunk-end state)."""
+    if seg_ptr is not None:
+        seg = tl.load(seg_ptr + offs, mask=mask, other=-1)
+        u = tl.where(seg == seg_last, u, float("-inf"))
+    return u
+
+
+@triton.jit
 def mlstm_fwd_states_kernel(
     k_ptr,
     v_ptr,
     u_ptr,
     ucm_ptr,
     b_ptr,
+    seg_ptr,  # (BH, Sp) int32 segment index, or None (no documents)
     C0_ptr,  # (BH, DQK, DV) fp32
     n0_ptr,  # (BH, DQK)
     m0_ptr,  # (BH,)
@@ -94,9 +143,8 @@ def mlstm_fwd_states_kernel(
         if first:
             tl.store(Ms_ptr + bh * (NC + 1) + c, M)
         c0 = c * L
-        x_last = tl.maximum(M, tl.load(ucm_ptr + g_base + c0 + L - 1))
+        x_last, carry, seg_last = _chunk_end(ucm_ptr, seg_ptr, g_base + c0 + L - 1, M)
         b_last = tl.load(b_ptr + g_base + c0 + L - 1)
-        carry = tl.exp(M - x_last)
         C = C * carry
         n = n * carry
         for l0 in range(0, L, BL):
@@ -104,7 +152,8 @@ def mlstm_fwd_states_kernel(
             mr = r < L
             pos = c0 + r
             ms = mr & (pos < S)
-            w = tl.exp(tl.load(u_ptr + g_base + pos, mask=mr, other=float("-inf")) - x_last)
+            u = tl.load(u_ptr + g_base + pos, mask=mr, other=float("-inf"))
+            w = tl.exp(_write_u(u, seg_ptr, g_base + pos, mr, seg_last) - x_last)
             kt = tl.load(k_base + pos[None, :] * DQK + ok[:, None], mask=mk[:, None] & ms[None, :], other=0.0)
             vt = tl.load(v_base + pos[:, None] * DV + ov[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
             kw = kt.to(tl.float32) * w[None, :]
@@ -126,6 +175,7 @@ def mlstm_fwd_out_kernel(
     u_ptr,
     ucm_ptr,
     b_ptr,
+    seg_ptr,
     Cs_ptr,
     ns_ptr,
     Ms_ptr,
@@ -163,8 +213,7 @@ def mlstm_fwd_out_kernel(
     st = bh * NCB + c - C_FIRST
 
     M = tl.load(Ms_ptr + bh * (NC + 1) + c)
-    x = tl.maximum(M, tl.load(ucm_ptr + g_base + pos, mask=mr, other=float("-inf")))
-    read = scale * tl.exp(M - x)
+    x, read, seg = _rows(ucm_ptr, seg_ptr, g_base + pos, mr, M, scale)
 
     # inter-chunk: the state before the chunk
     acc = tl.zeros((BL, BV), dtype=tl.float32)
@@ -194,7 +243,11 @@ def mlstm_fwd_out_kernel(
             qt = tl.load(q_base + pos[:, None] * DQK + ok[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
             kt = tl.load(k_base + posj[None, :] * DQK + ok[:, None], mask=mk[:, None] & msj[None, :], other=0.0)
             s += _dot(qt, kt, DT, IEEE)
-        log_d = tl.where(j[None, :] <= r[:, None], uj[None, :] - x[:, None], float("-inf"))
+        keep = (j[None, :] <= r[:, None]) & mr[:, None]  # rows past the chunk have x = M_c: exp could overflow
+        if seg_ptr is not None:
+            segj = tl.load(seg_ptr + g_base + posj, mask=mj, other=-1)
+            keep = keep & (segj[None, :] == seg[:, None])  # no weight across a document start
+        log_d = tl.where(keep, uj[None, :] - x[:, None], float("-inf"))
         s = s * (scale * tl.exp(log_d))
         den += tl.sum(s, axis=1)
         vt = tl.load(v_base + posj[:, None] * DV + ov[None, :], mask=msj[:, None] & mv[None, :], other=0.0)
