@@ -36,8 +36,11 @@ def _mixer_refusals() -> list[str]:
     model = build_model(tiny_config("v1", num_layers=2, hidden_size=32, num_attention_heads=2, slstm_num_heads=2,
                                     xlstm_pattern="ms", mlstm_chunk_size=4), 50, 8)
     x = torch.zeros(8, 2, 32)
-    cases = [dict(packed_seq_params=PackedSeqParams()), dict(attention_bias=torch.zeros(1)),
-             dict(rotary_pos_emb=torch.zeros(1)), dict(not_an_attention_input=1)]
+    offsets = torch.tensor([0, 4, 8], dtype=torch.int32)
+    cases = [dict(packed_seq_params=PackedSeqParams(qkv_format="sbhd")),
+             dict(packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=offsets)),  # 2 rows: not THD
+             dict(attention_mask=torch.zeros(2, 1, 8, 8)),  # float: not Megatron's bool mask
+             dict(attention_bias=torch.zeros(1)), dict(rotary_pos_emb=torch.zeros(1)), dict(not_an_attention_input=1)]
     seen = []
     for layer in model.decoder.layers:
         mixer = layer.self_attention
@@ -50,8 +53,9 @@ def _mixer_refusals() -> list[str]:
 
 
 def test_mixers_refuse_what_they_cannot_honour():
-    """Packed sequences, attention biases and rotary embeddings would change the result: one line each, never
-    silently ignored (mLSTM and sLSTM mixers)."""
+    """Packed inputs the mixers cannot read, attention biases and rotary embeddings would change the result: one line
+    each, never silently ignored (mLSTM and sLSTM mixers)."""
     seen = run_distributed(_mixer_refusals, world_size=1)[0]
-    assert len(seen) == 8
-    assert sum("packed sequences" in s for s in seen) == 2 and sum("unexpected arguments" in s for s in seen) == 2
+    assert len(seen) == 12 and all("\n" not in s for s in seen)
+    assert sum("in the 'thd' format" in s for s in seen) == 2 and sum("come as one row" in s for s in seen) == 2
+    assert sum("bool attention mask" in s for s in seen) == 2 and sum("unexpected arguments" in s for s in seen) == 2

@@ -115,13 +115,16 @@ NO_MOCK = {k: v for k, v in TRAIN.items() if k != "mock_data"}
      "attention layers ('*') have context parallelism only in Transformer Engine's attention"),
     ({**MODEL, "xlstm_pattern": "mm"}, TRAIN, ("--context-parallel-size", "4", "--nproc", "4"),
      "a CP piece holds 2 tokens (seq length / 2 CP), fewer than the conv's 3-token window"),
-    (MODEL, {**TRAIN, "reset_attention_mask": True}, (), "do not restart their state at document boundaries"),
+    (MODEL, {**TRAIN, "reset_attention_mask": True}, ("--no-create-attention-mask-in-dataloader",),
+     "find document starts in the dataloader's attention mask"),
+    ({**MODEL, "num_layers": 4, "xlstm_pattern": "mmmm"}, {**TRAIN, "reset_attention_mask": True},
+     ("--pipeline-model-parallel-size", "4", "--nproc", "4"), "middle pipeline stages read no batch"),
     pytest.param({**MODEL, "xlstm_pattern": "mM", "mamba_head_dim": 16, "mamba_num_groups": 1}, TRAIN, (),
                  "needs mamba_ssm", marks=pytest.mark.skipif(_have_mamba_ssm(), reason="mamba_ssm imports here")),
 ], ids=["yaml-key", "yaml-key-train", "missing-data", "world-vs-tp", "heads-vs-tp", "slstm-heads-vs-tp",
         "global-batch", "warmup-ge-decay", "no-eval-interval", "pattern", "unknown-flag", "cp-slstm",
         "cp-local-attention", "cp-short-pieces",
-        "packed-documents", "mamba-without-mamba-ssm"])
+        "packed-without-mask", "packed-middle-stages", "mamba-without-mamba-ssm"])
 def test_bad_config_fails_before_start(capfd, tmp_path, model, train, flags, match):
     assert match in _fails_once(capfd, tmp_path, *_config(tmp_path, model, train), *flags)
 

@@ -11,6 +11,7 @@ collectives are the ones inside the column/row-parallel linears (all-gather / re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -102,12 +103,12 @@ class MLSTMLargeMixer(HeadParallelMixer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
         `RecurrentInferenceContext`, the cell continues from this layer's stored state and stores the new one."""
-        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, local width]
         q, k, v, o, i, f = torch.split(proj, self.split_sizes, dim=-1)
         S, B = proj.shape[:2]
+        doc_starts = self.document_starts(attention_inputs, B, S, proj.device, generating=context is not None)
         h = self.local_heads
 
         def heads(t: torch.Tensor, d: int) -> torch.Tensor:  # [S, B, h*d] -> [B, h, S, d]
@@ -117,7 +118,8 @@ class MLSTMLargeMixer(HeadParallelMixer):
         f = soft_cap(f + self.fgate_bias, cfg.gate_soft_cap).permute(1, 2, 0)
         q, k, v = heads(q, self.qk_head_dim), heads(k, self.qk_head_dim), heads(v, self.v_head_dim)
         if context is None:
-            out = self.run_cell(self.recompute_cell, self.mlstm_cell, q, k, v, i, f)  # [B, h, S, DV]
+            cell = partial(self.mlstm_cell, doc_starts=doc_starts)
+            out = self.run_cell(self.recompute_cell, cell, q, k, v, i, f)  # [B, h, S, DV]
         else:
             out, state = mlstm_with_state(
                 q, k, v, i, f, context.get(self.layer_number), chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps

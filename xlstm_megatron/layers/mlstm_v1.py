@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -108,16 +109,16 @@ class MLSTMV1Mixer(HeadParallelMixer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], bias). With a
         `RecurrentInferenceContext`, conv and cell continue from this layer's stored state and store the new one."""
-        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         proj, _ = self.in_proj(hidden_states)  # [S, B, 2 * local_inner]
         x_m, z = proj.chunk(2, dim=-1)
         S, B = proj.shape[:2]
+        doc_starts = self.document_starts(attention_inputs, B, S, proj.device, generating=context is not None)
         h = self.local_heads
         state = None if context is None else context.get(self.layer_number)
         if context is None:
-            x_conv = self.causal_conv(x_m.transpose(0, 1), self.conv_weight, self.conv_bias)
+            x_conv = self.causal_conv(x_m.transpose(0, 1), self.conv_weight, self.conv_bias, doc_starts)
         else:
             x_conv, conv_state = conv_with_state(
                 x_m.transpose(0, 1), self.conv_weight, self.conv_bias, None if state is None else state[0]
@@ -133,7 +134,8 @@ class MLSTMV1Mixer(HeadParallelMixer):
             return t.reshape(S, B, h, self.head_dim).permute(1, 2, 0, 3)
 
         if context is None:
-            out = self.run_cell(self.recompute_cell, self.mlstm_cell, heads(q), heads(k), heads(v), i, f)
+            cell = partial(self.mlstm_cell, doc_starts=doc_starts)
+            out = self.run_cell(self.recompute_cell, cell, heads(q), heads(k), heads(v), i, f)
         else:
             out, cell_state = mlstm_with_state(
                 heads(q), heads(k), heads(v), i, f, None if state is None else state[1:],

@@ -85,31 +85,78 @@ class HeadParallelMixer(MegatronModule):
     def local_parameter(self, full: torch.Tensor, dim: int = 0) -> torch.nn.Parameter:
         return head_local_parameter(full, self.tp_rank, self.tp_size, self.config.params_dtype, dim)
 
-    @staticmethod
-    def check_attention_inputs(attention_inputs: dict[str, Any]) -> None:
-        """The mixers sit in Megatron's `self_attention` slot and receive what TransformerLayer passes an attention
-        module. The causal mask and the static-inference offset need nothing (a recurrence is causal, generation
-        uses the recurrent context); what would change the result is refused with one line."""
+    def document_starts(self, attention_inputs: dict[str, Any], batch: int, seq: int, device: torch.device,
+                        generating: bool = False) -> torch.Tensor | None:
+        """(B, S_local) bool, true at each document's first token, or None (one document per row).
+
+        The mixers sit in Megatron's `self_attention` slot and receive what TransformerLayer passes an attention
+        module; the packed-document inputs among them become state resets:
+        - `packed_seq_params` (THD: one row of concatenated documents, `cu_seqlens_q[_padded]` their offsets);
+        - `attention_mask` [B or 1, 1, S_local, S] (True = hidden), as Megatron's dataset builds it under
+          `--reset-attention-mask`: token p starts a document where it may not see token p - 1. Under CP the rows are
+          this rank's zigzag pieces (the key axis stays whole). A plain causal mask yields no starts.
+        The static-inference offset needs nothing; what would change the result otherwise is refused in one line,
+        as are document starts while `generating` (the recurrent context holds one document per row)."""
         unknown = sorted(set(attention_inputs) - _ATTENTION_INPUTS)
         if unknown:
             raise TypeError(f"xLSTM mixer got unexpected arguments {unknown}")
-        if attention_inputs.get("packed_seq_params") is not None:
-            raise ValueError("xLSTM mixers do not take packed sequences (packed_seq_params) yet: their state would run "
-                             "from one document into the next; train without sequence packing")
         if attention_inputs.get("attention_bias") is not None:
             raise ValueError("xLSTM mixers have no attention scores to add attention_bias to; drop it")
         if any(attention_inputs.get(k) is not None for k in ("rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
                                                              "rotary_pos_cos_sin")):
             raise ValueError("xLSTM layers use no position embedding; drop --position-embedding-type rope")
+        starts = self._starts(attention_inputs, batch, seq, device)
+        if starts is not None and generating:
+            raise ValueError("xLSTM generation continues one document per row; pass no packed sequences or "
+                             "document-resetting attention mask with a RecurrentInferenceContext")
+        return starts
 
-    def mlstm_cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor
-                   ) -> torch.Tensor:
+    def _starts(self, attention_inputs: dict[str, Any], batch: int, seq: int,
+                device: torch.device) -> torch.Tensor | None:
+        packed = attention_inputs.get("packed_seq_params")
+        if packed is not None:
+            return self._thd_starts(packed, batch, seq, device)
+        mask = attention_inputs.get("attention_mask")
+        if mask is None:
+            return None
+        if mask.dim() != 4 or mask.shape[2] != seq or mask.dtype != torch.bool:
+            raise ValueError(f"xLSTM mixers read document starts from a bool attention mask [B, 1, {seq}, S] "
+                             f"(True = hidden), got {mask.dtype} {tuple(mask.shape)}")
+        rows = torch.arange(seq, device=mask.device)
+        if self.cp_size > 1:  # this rank's zigzag pieces: global position of each local row
+            from xlstm_megatron.ops.context_parallel import cp_pieces
+
+            piece = seq // 2
+            first = torch.tensor(cp_pieces("zigzag", torch.distributed.get_rank(self.cp_group), self.cp_size),
+                                 device=mask.device) * piece
+            rows = (first[:, None] + torch.arange(piece, device=mask.device)).flatten()
+        hidden_prev = mask[:, 0, torch.arange(seq, device=mask.device), (rows - 1).clamp(min=0)]  # [B or 1, S_local]
+        starts = hidden_prev & (rows > 0)
+        return starts.expand(batch, seq).to(device) if bool(starts.any()) else None
+
+    def _thd_starts(self, packed: Any, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        if getattr(packed, "qkv_format", "thd") != "thd":
+            raise ValueError(f"xLSTM mixers take packed sequences in the 'thd' format, got {packed.qkv_format!r}")
+        if self.cp_size > 1:
+            raise ValueError("THD packed sequences under context parallelism are not supported by the xLSTM mixers "
+                             "(Megatron splits them per document); use --reset-attention-mask batches or CP 1")
+        if batch != 1:
+            raise ValueError(f"THD packed sequences come as one row of concatenated documents, got {batch} rows")
+        offsets = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        starts = torch.zeros(1, seq, dtype=torch.bool, device=device)
+        offsets = offsets[:-1].to(device=device, dtype=torch.long)
+        starts[0, offsets[offsets < seq]] = True
+        return starts
+
+    def mlstm_cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                   doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         """The chunkwise mLSTM cell with this config's kernel, chunk, backward semantics and eps (both mLSTM mixers);
         under CP the state-passing form around it."""
         from xlstm_megatron.ops.kernels import mlstm_chunkwise_kernel
 
         cfg = self.config
-        options = dict(chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps)
+        options = dict(chunk_size=cfg.mlstm_chunk_size, backward=cfg.mlstm_backward, eps=cfg.mlstm_eps,
+                       doc_starts=doc_starts)
         if self.cp_size > 1:
             from xlstm_megatron.ops.mlstm.context_parallel import mlstm_context_parallel
 
@@ -119,18 +166,21 @@ class HeadParallelMixer(MegatronModule):
             )
         return mlstm_chunkwise_kernel(q, k, v, i, f, kernel=cfg.mlstm_kernel, **options)
 
-    def causal_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise conv of x [B, S_local, C]; under CP each piece starts from the previous piece's last
-        inputs (its halo) instead of zeros."""
+    def causal_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise conv of x [B, S_local, C] (windows stop at document starts); under CP each piece starts
+        from the previous piece's last inputs (its halo) instead of zeros."""
         from xlstm_megatron.ops.conv import causal_conv1d
 
         if self.cp_size == 1:
-            return causal_conv1d(x, weight, bias)
+            return causal_conv1d(x, weight, bias, doc_starts=doc_starts)
         from xlstm_megatron.ops.context_parallel import join_pieces, previous_piece_tails, split_pieces
 
         pieces = split_pieces(x, 1, 2)  # zigzag: two pieces per rank
-        halo = previous_piece_tails(pieces, weight.shape[1] - 1, group=self.cp_group, layout="zigzag")
-        return join_pieces(causal_conv1d(pieces, weight, bias, state=halo), 1, 2)
+        starts = None if doc_starts is None else split_pieces(doc_starts, 1, 2)
+        halo = previous_piece_tails(pieces, weight.shape[1] - 1, group=self.cp_group, layout="zigzag",
+                                    doc_starts=starts)
+        return join_pieces(causal_conv1d(pieces, weight, bias, state=halo, doc_starts=starts), 1, 2)
 
     def run_cell(self, recompute: bool, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)`, under Megatron's activation checkpoint when `recompute` (the mixer's selective-recompute

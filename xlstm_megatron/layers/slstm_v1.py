@@ -11,6 +11,8 @@ channels are all-gathered (and re-split along the sequence under sequence parall
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -29,7 +31,6 @@ from xlstm_megatron.layers.parallel_utils import (
     mixer_sharded_state_dict,
 )
 from xlstm_megatron.layers.recurrent_context import conv_with_state, recurrent_context_of
-from xlstm_megatron.ops.conv import causal_conv1d
 from xlstm_megatron.ops.headwise import headwise_linear
 from xlstm_megatron.ops.init import normal_init_method, slstm_forget_gate_bias, small_init_std
 from xlstm_megatron.ops.kernels import slstm_kernel
@@ -82,7 +83,6 @@ class SLSTMMixer(HeadParallelMixer):
         """hidden_states: [S(/tp under sequence parallel), B, E] -> ([same], None). With a
         `RecurrentInferenceContext`, conv and recurrence continue from this layer's stored state and store the new
         one."""
-        self.check_attention_inputs(attention_inputs)
         cfg: XLSTMConfig = self.config
         context = recurrent_context_of(inference_context)
         if cfg.sequence_parallel and self.tp_size > 1:
@@ -91,17 +91,18 @@ class SLSTMMixer(HeadParallelMixer):
             x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
         start = self.tp_rank * self.local_width
         x = x[..., start : start + self.local_width].transpose(0, 1)  # [B, S, local width]
+        doc_starts = self.document_starts(attention_inputs, *x.shape[:2], x.device, generating=context is not None)
         state = None if context is None else context.get(self.layer_number)
         if context is None:
-            x_conv = causal_conv1d(x, self.conv_weight, self.conv_bias)
+            x_conv = self.causal_conv(x, self.conv_weight, self.conv_bias, doc_starts)
         else:
             x_conv, conv_state = conv_with_state(
                 x, self.conv_weight, self.conv_bias, None if state is None else state[0]
             )
         x_c = F.silu(x_conv)
         if context is None:
-            y = self.run_cell(self.recompute_cell, self._cell, x, x_c, self.gate_weight, self.recurrent_weight,
-                              self.bias)  # [B, S, h, DH]
+            y = self.run_cell(self.recompute_cell, partial(self._cell, doc_starts=doc_starts), x, x_c,
+                              self.gate_weight, self.recurrent_weight, self.bias)  # [B, S, h, DH]
         else:
             y, cell_state = self._cell(x, x_c, self.gate_weight, self.recurrent_weight, self.bias,
                                        None if state is None else state[1:], with_state=True)
@@ -113,7 +114,8 @@ class SLSTMMixer(HeadParallelMixer):
         return y, None
 
     def _cell(self, x: torch.Tensor, x_c: torch.Tensor, gate_weight: torch.Tensor, recurrent_weight: torch.Tensor,
-              bias: torch.Tensor, initial_state: tuple | None = None, with_state: bool = False):
+              bias: torch.Tensor, initial_state: tuple | None = None, with_state: bool = False,
+              doc_starts: torch.Tensor | None = None):
         """Gate pre-activations W x (i, f from the conv'd input, z, o from the input) and the recurrence. x, x_c:
         [B, S, local width] -> y [B, S, h, DH] (and the final state with `with_state`). W x is
         inside because it exists only for the cell: recomputing it keeps 4 x fewer bytes than keeping it."""
@@ -125,7 +127,7 @@ class SLSTMMixer(HeadParallelMixer):
         wx_zo = headwise_linear(x, w[:, 2:].flatten(1, 2)).reshape(B, S, h, 2, DH)
         y, state = slstm_kernel(
             torch.cat([wx_if, wx_zo], dim=3), recurrent_weight, bias, kernel=cfg.slstm_kernel,
-            forget_gate=cfg.slstm_forget_gate, initial_state=initial_state,
+            forget_gate=cfg.slstm_forget_gate, initial_state=initial_state, doc_starts=doc_starts,
         )
         return (y, state) if with_state else y
 

@@ -91,10 +91,15 @@ def check_model(args: Namespace) -> None:
         if config.xlstm_block == "v1" and piece < config.conv_kernel_size - 1:
             raise ConfigError(f"--context-parallel-size {cp}: a CP piece holds {piece} tokens (seq length / 2 CP), "
                               f"fewer than the conv's {config.conv_kernel_size - 1}-token window; lower it")
-    # packed documents would otherwise carry state from one document into the next
-    if getattr(args, "reset_attention_mask", False):
-        raise ConfigError("--reset-attention-mask: the xLSTM layers do not restart their state at document "
-                          "boundaries yet; drop it (documents then follow each other, separated by EOD)")
+    # the mixers read the document starts off the dataset's mask; without it state would run across documents
+    if getattr(args, "reset_attention_mask", False) and not getattr(args, "create_attention_mask_in_dataloader", True):
+        raise ConfigError("--reset-attention-mask: the xLSTM layers find document starts in the dataloader's "
+                          "attention mask; drop --no-create-attention-mask-in-dataloader")
+    middle_stages = args.pipeline_model_parallel_size > 2 or (
+        args.pipeline_model_parallel_size > 1 and getattr(args, "virtual_pipeline_model_parallel_size", None))
+    if getattr(args, "reset_attention_mask", False) and middle_stages:
+        raise ConfigError("--reset-attention-mask: middle pipeline stages read no batch (Megatron's layout), so their "
+                          "xLSTM layers would not see the document starts; use PP <= 2 without virtual stages")
 
 
 def check_tokenizer(args: Namespace) -> None:

@@ -308,7 +308,7 @@ def gathered_params(module: torch.nn.Module) -> Iterator[None]:
 def microbatch_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss per token of the microbatch: what is back-propagated, as Megatron's schedule divides the summed loss
     by the tokens; summed loss; tokens)."""
-    losses = engine(batch["tokens"], None, None, labels=batch["labels"])
+    losses = engine(batch["tokens"], None, batch.get("attention_mask"), labels=batch["labels"])
     mask = batch["loss_mask"].view(-1).float()
     total = torch.sum(losses.view(-1).float() * mask)
     tokens = mask.sum()
