@@ -22,9 +22,26 @@ BASE = [
 ]
 
 
-def train(save: Path, *flags: str, nproc: int = 1, timeout: int = 300) -> dict:
-    """Run the command; return the losses Megatron logged: {"train": {it: loss}, "valid": {it: loss}}."""
-    cmd = [sys.executable, "-m", "xlstm_megatron.cli", "train", *BASE, "--save", str(save), "--nproc", str(nproc),
+def short_documents(prefix: Path, count: int = 400, seed: int = 0) -> Path:
+    """A Megatron indexed dataset (`prefix`.bin/.idx) of `count` documents of 2-20 tokens, each ending in the
+    NullTokenizer's end-of-document id (255 at --vocab-size 256): every 32-token sample packs several documents."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    for length in rng.integers(1, 20, size=count):
+        doc = np.append(rng.integers(0, 255, size=length), 255)
+        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def train(save: Path, *flags: str, nproc: int = 1, timeout: int = 300, data: Path | None = None) -> dict:
+    """Run the command; return the losses Megatron logged: {"train": {it: loss}, "valid": {it: loss}}. `data`: an
+    indexed dataset prefix instead of the mock data."""
+    base = BASE if data is None else [a for a in BASE if a != "--mock-data"] + ["--data-path", str(data)]
+    cmd = [sys.executable, "-m", "xlstm_megatron.cli", "train", *base, "--save", str(save), "--nproc", str(nproc),
            *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])

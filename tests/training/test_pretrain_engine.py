@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training.engine_runs import close, model_tensors, train
+from tests.training.engine_runs import close, model_tensors, short_documents, train
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,17 @@ def test_tp2_pp2_checkpoint_continues_at_tp1_pp1(start, reference, tmp_path):
     assert close(continued["train"], reference["train"]), (continued["train"], reference["train"])
 
 
-def test_context_parallel_run_equals_one_process(tmp_path):
+def test_context_parallel_run_with_packed_documents_equals_one_process(tmp_path):
     """`--context-parallel-size 2` through Megatron's loop (zigzag batch split, state passing between the ranks'
-    pieces, gradients reduced over DP x CP) trains the same all-mLSTM model as one process. Fresh runs: CP does not
-    enter Megatron's seeds, so both start from the same weights."""
-    mlstm_only = ("--xlstm-pattern", "mmmm")
-    one = train(tmp_path / "one", *mlstm_only)
-    cp2 = train(tmp_path / "cp2", *mlstm_only, "--context-parallel-size", "2", nproc=2)
+    pieces, gradients reduced over DP x CP) trains the same all-mLSTM model as one process, here with packed
+    documents (`--reset-attention-mask` over documents of 2-20 tokens: the mask is broadcast and split over CP).
+    Fresh runs: CP does not enter Megatron's seeds, so both start from the same weights. A run without the reset
+    trains differently: the resets took effect."""
+    data = short_documents(tmp_path / "docs")
+    mlstm_only = ("--xlstm-pattern", "mmmm", "--reset-attention-mask", "--split", "90,10,0")
+    one = train(tmp_path / "one", *mlstm_only, data=data)
+    cp2 = train(tmp_path / "cp2", *mlstm_only, "--context-parallel-size", "2", nproc=2, data=data)
     assert close(cp2["train"], one["train"]), (cp2["train"], one["train"])
     assert close(cp2["valid"], one["valid"])
+    unpacked = train(tmp_path / "unpacked", *mlstm_only[:2], *mlstm_only[3:], data=data)
+    assert not close(unpacked["train"], one["train"], rtol=1e-3)

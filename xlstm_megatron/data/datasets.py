@@ -21,6 +21,7 @@ Megatron's GPT rule: tensor-parallel rank 0 on the first or last pipeline stage.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -155,13 +156,20 @@ def default_is_built_on_rank() -> bool:
     return first_or_last and ps.get_tensor_model_parallel_rank() == 0
 
 
-def _check_splits_have_tokens(
+def check_splits_have_tokens(
     prefixes: Sequence[str], split_vector: list[float], sizes: Sequence[int | None], seq_length: int
 ) -> None:
-    """A split that gets documents but no tokens would make Megatron's epoch count loop forever; refuse it."""
+    """A split that is asked for samples (size None or > 0) but gets no tokens would make Megatron's epoch count loop
+    forever; refuse it."""
     matrix = convert_split_vector_to_split_matrix(split_vector)
+    index_log = logging.getLogger(IndexedDataset.__module__)
     for prefix in prefixes:
-        dataset = IndexedDataset(prefix)
+        level = index_log.level
+        index_log.setLevel(logging.WARNING)  # it logs its counts at INFO: a pre-start check prints nothing
+        try:
+            dataset = IndexedDataset(prefix)
+        finally:
+            index_log.setLevel(level)
         # Copy: the array views the index mmap, which the dataset closes when it is garbage collected.
         lengths = dataset.sequence_lengths.copy()
         del dataset
@@ -234,7 +242,7 @@ def build_gpt_datasets(
             for name, share, size in zip(SPLIT_NAMES, split_vector, sizes, strict=True):
                 if share > 0 and size is None:
                     raise DataConfigError(f"a weighted --data-path needs the number of {name} samples; pass it")
-        _check_splits_have_tokens(prefixes, split_vector, sizes, seq_length)
+        check_splits_have_tokens(prefixes, split_vector, sizes, seq_length)
         blend, split_arg, cls = (prefixes, weights), split, GPTDataset
 
     config = GPTDatasetConfig(

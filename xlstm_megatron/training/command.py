@@ -108,7 +108,12 @@ def build_argv(cli: list[str]) -> list[str]:
 def _prepare_data(args: argparse.Namespace, argv: list[str]) -> list[str]:
     """Demo data: build the corpus and tokenizer (once; cached) and point Megatron's data flags at them. A data path
     given by the user is checked here, before any process starts."""
-    from xlstm_megatron.data.datasets import check_data_prefixes, parse_data_path
+    from xlstm_megatron.data.datasets import (
+        check_data_prefixes,
+        check_splits_have_tokens,
+        parse_data_path,
+        parse_split,
+    )
     from xlstm_megatron.data.errors import DataConfigError
 
     try:
@@ -125,7 +130,11 @@ def _prepare_data(args: argparse.Namespace, argv: list[str]) -> list[str]:
                 raise ConfigError("no data: pass --data-path PREFIX (from `xlstm-megatron preprocess`), "
                                   "--demo-data or --mock-data")
             if args.data_path:
-                check_data_prefixes(parse_data_path(args.data_path)[0])
+                prefixes = parse_data_path(args.data_path)[0]
+                check_data_prefixes(prefixes)
+                # Megatron's default split (it warns) gives test 1/1000 of the documents: none for a small corpus
+                wanted = [int(bool(args.train_iters)), args.eval_iters, args.eval_iters]  # only zero / non-zero
+                check_splits_have_tokens(prefixes, parse_split(args.split or "969, 30, 1"), wanted, args.seq_length)
     except DataConfigError as e:
         raise ConfigError(str(e)) from None
     return argv
