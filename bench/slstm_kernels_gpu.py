@@ -127,7 +127,7 @@ def _mlstm_reference_ms(B: int, S: int, NH: int, DH: int, dtype: torch.dtype, de
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v = (torch.randn(B, NH, S, DH, device=device, generator=g).to(dtype).requires_grad_() for _ in range(3))
     i, f = (torch.randn(B, NH, S, device=device, generator=g).requires_grad_() for _ in range(2))
-    cell = lambda ins: mlstm_chunkwise_triton(*ins, chunk_size=64)  # noqa: E731
+    cell = lambda ins: mlstm_chunkwise_triton(*ins, chunk_size=64, backward="constant")  # noqa: E731
     return _fwd_bwd_ms(cell, [q, k, v, i, f], device, warmup, reps)
 
 

@@ -122,7 +122,8 @@ class MLSTMLargeMixer(HeadParallelMixer):
             out = self.run_cell(self.recompute_cell, cell, q, k, v, i, f)  # [B, h, S, DV]
         else:
             out, state = mlstm_with_state(
-                q, k, v, i, f, context.get(self.layer_number), chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps
+                q, k, v, i, f, context.get(self.layer_number), chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps,
+                kernel=cfg.mlstm_kernel,
             )
             context.set(self.layer_number, state)
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps)  # [S, B, h, DV]

@@ -139,7 +139,7 @@ class MLSTMV1Mixer(HeadParallelMixer):
         else:
             out, cell_state = mlstm_with_state(
                 heads(q), heads(k), heads(v), i, f, None if state is None else state[1:],
-                chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps,
+                chunk_size=cfg.mlstm_chunk_size, eps=cfg.mlstm_eps, kernel=cfg.mlstm_kernel,
             )
             context.set(self.layer_number, (conv_state, *cell_state))
         out = head_norm(out.permute(2, 0, 1, 3), self.norm_weight, eps=cfg.head_norm_eps, weight_offset=1.0)

@@ -27,7 +27,8 @@ from megatron.core.inference.contexts.base_context import BaseInferenceContext
 from torch import Tensor
 
 from xlstm_megatron.ops.conv import causal_conv1d, causal_conv1d_step
-from xlstm_megatron.ops.mlstm import MLSTMState, mlstm_chunkwise, mlstm_recurrent_step
+from xlstm_megatron.ops.kernels import Kernel, mlstm_chunkwise_kernel
+from xlstm_megatron.ops.mlstm import MLSTMState, mlstm_recurrent_step
 
 LayerState = tuple[Tensor, ...]
 
@@ -87,18 +88,20 @@ def recurrent_context_of(inference_context: object) -> RecurrentInferenceContext
 
 
 def mlstm_with_state(
-    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: MLSTMState | None, *, chunk_size: int, eps: float
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: MLSTMState | None, *, chunk_size: int, eps: float,
+    kernel: Kernel = "auto",
 ) -> tuple[Tensor, MLSTMState]:
     """mLSTM cell from `state` (None: zero state): q, k (B, h, S, DQK), v (B, h, S, DV), i, f (B, h, S).
 
-    S == 1 takes the recurrent step, S > 1 the chunkwise form; both have the recurrent form's stabiliser, so they
-    agree with a full-sequence chunkwise forward. Returns h (B, h, S, DV) and the state after the last token.
+    S == 1 takes the recurrent step, S > 1 (prefill) the chunkwise form through the kernel dispatch training uses
+    (`kernel`: Triton on GPU); both have the recurrent form's stabiliser, so they agree with a full-sequence chunkwise
+    forward. Returns h (B, h, S, DV) and the state after the last token.
     """
     if q.shape[2] == 1:
         h, new_state = mlstm_recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=eps)
         return h.unsqueeze(2), new_state
-    h, new_state = mlstm_chunkwise(
-        q, k, v, i, f, chunk_size=chunk_size, initial_state=state, return_final_state=True, eps=eps
+    h, new_state = mlstm_chunkwise_kernel(
+        q, k, v, i, f, kernel=kernel, chunk_size=chunk_size, initial_state=state, return_final_state=True, eps=eps
     )
     return h, new_state
 

@@ -286,7 +286,7 @@ def mlstm_chunkwise_triton(
     chunk_size: int = 64,
     initial_state: MLSTMState | None = None,
     return_final_state: bool = False,
-    backward: Literal["exact", "constant"] = "constant",
+    backward: Literal["exact", "constant"] = "exact",
     eps: float = 1e-6,
     recompute_states: bool = True,
     doc_starts: Tensor | None = None,
@@ -297,7 +297,8 @@ def mlstm_chunkwise_triton(
     pre-activations (any float dtype); `initial_state` (C, n, m) as in `MLSTMState`. Any S >= 1, chunk size and head
     sizes (tiles are masked). Returns h (B, NH, S, DV) in q's dtype and, with `return_final_state`, the fp32 state
     after the last token. Accumulation and states are fp32; for fp32 inputs the dots are full fp32 (no TF32).
-    `backward`: "constant" (normaliser and stabilisers held fixed, as TFLA / xLSTM 7B training) or "exact".
+    `backward`: "exact" (the default of every form) or "constant" (normaliser and stabilisers held fixed, as TFLA /
+    xLSTM 7B training; the Large config's default).
     `recompute_states` (Triton only): backward re-runs the state scan instead of keeping the fp32 state before every
     chunk (see the module docstring for the memory it saves).
     `doc_starts`: optional bool (B, S), true at each document's first token (packed sequences): the state restarts
