@@ -73,3 +73,14 @@ def test_train_step_bench_smoke(tmp_path):
     assert result["model"]["pattern"] == "mmmm" and result["model"]["padded_vocab_size"] == 2048
     assert result["tokens_per_s"] > 0 and result["tflops_per_device"] > 0
     assert result["env"]["git_commit"]
+
+
+def test_context_parallel_bench_smoke(tmp_path):
+    """The CP bench: per-rank activation memory falls at CP=2 and the bytes each rank sends per layer are the
+    closed form (one state summary per piece, nothing that grows with the sequence)."""
+    result = _run_bench("context_parallel_cpu.py", tmp_path / "cp.json", "--smoke", interpreter=False)
+    one, two = sorted(result["rows"], key=lambda r: r["cp"])
+    assert (one["cp"], two["cp"]) == (1, 2) and one["gathered_bytes_per_layer"] == 0
+    assert two["saved_bytes_per_layer_max_rank"] < 0.75 * one["saved_bytes_per_layer_max_rank"]
+    assert two["gathered_bytes_per_layer"] == two["summary_bytes_closed_form"] > 0
+    assert two["ranks"][0]["loss_sum"] + two["ranks"][1]["loss_sum"] == pytest.approx(one["ranks"][0]["loss_sum"])
