@@ -94,7 +94,7 @@ class HeadParallelMixer(MegatronModule):
         - `packed_seq_params` (THD: one row of concatenated documents, `cu_seqlens_q[_padded]` their offsets);
         - `attention_mask` [B or 1, 1, S_local, S] (True = hidden), as Megatron's dataset builds it under
           `--reset-attention-mask`: token p starts a document where it may not see token p - 1. Under CP the rows are
-          this rank's zigzag pieces (the key axis stays whole). A plain causal mask yields no starts.
+          this rank's zigzag pieces (the key axis stays whole). A plain causal mask marks no starts.
         The static-inference offset needs nothing; what would change the result otherwise is refused in one line,
         as are document starts while `generating` (the recurrent context holds one document per row)."""
         unknown = sorted(set(attention_inputs) - _ATTENTION_INPUTS)
@@ -131,8 +131,8 @@ class HeadParallelMixer(MegatronModule):
                                  device=mask.device) * piece
             rows = (first[:, None] + torch.arange(piece, device=mask.device)).flatten()
         hidden_prev = mask[:, 0, torch.arange(seq, device=mask.device), (rows - 1).clamp(min=0)]  # [B or 1, S_local]
-        starts = hidden_prev & (rows > 0)
-        return starts.expand(batch, seq).to(device) if bool(starts.any()) else None
+        # returned even when all false (a plain causal mask): testing for that would sync the GPU in every layer
+        return (hidden_prev & (rows > 0)).expand(batch, seq).to(device)
 
     def _thd_starts(self, packed: Any, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         if getattr(packed, "qkv_format", "thd") != "thd":
