@@ -256,6 +256,7 @@ def test_zero3_checkpoint_exports_to_megatron_and_hf(zero3_run, tmp_path):
 @pytest.mark.parametrize(("flags", "ds", "message"), [
     (["--pipeline-model-parallel-size", "2"], {}, "pipeline"),
     (["--use-distributed-optimizer"], {}, "--use-distributed-optimizer"),
+    (["--reset-attention-mask"], {}, "--reset-attention-mask"),
     ([], {"gradient_clipping": 0.3}, "gradient_clipping"),
     ([], {"train_micro_batch_size_per_gpu": 4}, "--micro-batch-size"),
     ([], {"bf16": {"enabled": True}}, "--bf16"),

@@ -171,6 +171,8 @@ def check_deepspeed_args(args: Namespace) -> None:
                                                  "are not DeepSpeed's; use TP and ZeRO, or Megatron's loop)"),
         (getattr(args, "virtual_pipeline_model_parallel_size", None) is not None, "virtual pipeline stages"),
         (getattr(args, "context_parallel_size", 1) > 1, "--context-parallel-size > 1"),
+        (bool(getattr(args, "reset_attention_mask", False)), "--reset-attention-mask (its loop reads no document mask; "
+                                                               "use Megatron's loop for packed documents)"),
         (bool(args.use_distributed_optimizer), "--use-distributed-optimizer (ZeRO partitions the optimizer state: "
                                                "use zero_optimization.stage 1-3 instead)"),
         (bool(getattr(args, "use_torch_fsdp2", False)), "--use-torch-fsdp2 (use ZeRO-3 instead)"),
@@ -308,7 +310,7 @@ def gathered_params(module: torch.nn.Module) -> Iterator[None]:
 def microbatch_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss per token of the microbatch: what is back-propagated, as Megatron's schedule divides the summed loss
     by the tokens; summed loss; tokens)."""
-    losses = engine(batch["tokens"], None, batch.get("attention_mask"), labels=batch["labels"])
+    losses = engine(batch["tokens"], None, None, labels=batch["labels"])
     mask = batch["loss_mask"].view(-1).float()
     total = torch.sum(losses.view(-1).float() * mask)
     tokens = mask.sum()

@@ -53,16 +53,16 @@ def _maybe_inject_nan(loss: torch.Tensor, iteration: int) -> torch.Tensor:
     return loss * float("nan") if target[0] == "loss" else _NaNGrad.apply(loss)
 
 
-def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tensor | None]:
+def _get_batch(data_iterator: Any, vp_stage: int | None, documents: bool = False
+               ) -> dict[str, torch.Tensor | None]:
     """This rank's microbatch: read on tensor-parallel rank 0 of the first/last pipeline stage, broadcast over TP
     (Megatron's `tensor_parallel.broadcast_data`); middle stages read nothing. Under context parallelism each rank
     keeps its two pieces of every sequence in Megatron's zigzag order (`get_batch_on_this_cp_rank`, as its attention
     CP); the xLSTM mixers pass state between the pieces (`ops.mlstm.context_parallel`). Under
-    `--reset-attention-mask` the dataset's document mask comes along (`attention_mask`, None otherwise)."""
+    `--reset-attention-mask` (`documents`) the dataset's document mask comes along (`attention_mask`, else None)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.utils import get_batch_on_this_cp_rank
-    from megatron.training import get_args
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
     if not is_first_or_last_pipeline_stage(vp_stage):
@@ -71,7 +71,7 @@ def _get_batch(data_iterator: Any, vp_stage: int | None) -> dict[str, torch.Tens
     ints = tensor_parallel.broadcast_data(["tokens", "labels"], sample, torch.int64)
     floats = tensor_parallel.broadcast_data(["loss_mask"], sample, torch.float32)
     batch = {**ints, **floats, "attention_mask": None}
-    if get_args().reset_attention_mask:  # packed documents: the mixers restart their state where the mask says
+    if documents:  # packed documents: the mixers restart their state where the mask says
         batch.update(tensor_parallel.broadcast_data(["attention_mask"], sample, torch.bool))
     if ps.get_context_parallel_world_size() > 1:
         batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
@@ -102,11 +102,11 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[tor
 def forward_step(data_iterator: Any, model: torch.nn.Module):
     """Megatron's forward-step contract: (per-token losses, loss function)."""
     from megatron.core.utils import get_attr_wrapped_model
-    from megatron.training import get_timers
+    from megatron.training import get_args, get_timers
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    batch = _get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    batch = _get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"), get_args().reset_attention_mask)
     timers("batch-generator").stop()
     output = model(batch["tokens"], None, batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
